@@ -1,0 +1,152 @@
+"""Backing-store I/O for one encrypted file: plaintext offsets over ciphertext blocks.
+
+All methods are blocking (pread/pwrite plus bulk crypto) and meant to run in a
+worker thread.  The caller serialises calls per file; the methods themselves
+keep no state besides the fd and the cipher, so the backing file is always
+the truth (its size gives the plaintext size).
+
+Crash safety: every update leaves the file a valid sequence of blocks at each
+step.  A write replaces whole blocks in place with one pwrite; a truncate
+first cuts the file at a block boundary and then writes the new last block.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .contentcrypt import BlockAuthError, ContentCipher
+from .format import BLOCK_OVERHEAD, ciphertext_size, plaintext_size_lenient
+
+
+class CipherFile:
+    __slots__ = ("fd", "cipher", "bs", "cbs")
+
+    def __init__(self, fd: int, cipher: ContentCipher) -> None:
+        self.fd = fd
+        self.cipher = cipher
+        self.bs = cipher.block_size
+        self.cbs = cipher.ct_block_size
+
+    # ------------------------------------------------------------------ sizes
+
+    def size(self) -> int:
+        return plaintext_size_lenient(os.fstat(self.fd).st_size, self.bs)
+
+    # ------------------------------------------------------------------ read
+
+    def read(self, offset: int, length: int) -> bytes:
+        ct_size = os.fstat(self.fd).st_size
+        size = plaintext_size_lenient(ct_size, self.bs)
+        if offset >= size or length <= 0:
+            if offset >= size and ct_size > ciphertext_size(size, self.bs):
+                # The tail is too short to be a block: truncated by someone else.
+                raise BlockAuthError(size // self.bs, "file ends inside a block header")
+            return b""
+        end = min(offset + length, size)
+        first = offset // self.bs
+        last = (end - 1) // self.bs
+        plain = self._read_blocks(first, last - first + 1)
+        start = offset - first * self.bs
+        return bytes(memoryview(plain)[start:start + end - offset])
+
+    def _read_blocks(self, first: int, count: int) -> bytearray:
+        want = count * self.cbs
+        ct = os.pread(self.fd, want, first * self.cbs)
+        return self.cipher.decrypt(ct, first)
+
+    def _read_block(self, number: int) -> bytearray:
+        return self._read_blocks(number, 1)
+
+    # ------------------------------------------------------------------ write
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        length = len(data)
+        if length == 0:
+            return 0
+        size = self.size()
+        if offset > size:
+            self._extend(size, offset)
+            size = offset
+        bs = self.bs
+        end = offset + length
+        new_size = max(size, end)
+        first = offset // bs
+        last = (end - 1) // bs
+        region_start = first * bs
+        region_end = min((last + 1) * bs, new_size)
+        head_partial = offset > region_start
+        tail_partial = end < region_end
+        if not head_partial and not tail_partial:
+            plain: bytes | bytearray | memoryview = data
+        else:
+            # Read-modify-write of the partial first and last blocks only.
+            buf = bytearray(region_end - region_start)
+            if head_partial:
+                old = self._read_block(first)
+                buf[:len(old)] = old
+            if tail_partial and (last != first or not head_partial):
+                old = self._read_block(last)
+                pos = (last - first) * bs
+                buf[pos:pos + len(old)] = old
+            buf[offset - region_start:end - region_start] = data
+            plain = buf
+        ct = self.cipher.encrypt(plain, first)
+        self._pwrite_all(ct, first * self.cbs)
+        return length
+
+    def _pwrite_all(self, data: bytes | bytearray, position: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, position)
+            view = view[written:]
+            position += written
+
+    # ------------------------------------------------------------------ truncate
+
+    def truncate(self, new_size: int) -> None:
+        size = self.size()
+        if new_size == size:
+            ct_size = ciphertext_size(size, self.bs)
+            if os.fstat(self.fd).st_size != ct_size:
+                os.ftruncate(self.fd, ct_size)  # drop a damaged tail fragment
+            return
+        if new_size > size:
+            self._extend(size, new_size)
+            return
+        bs = self.bs
+        last, rest = divmod(new_size, bs)
+        if rest == 0:
+            os.ftruncate(self.fd, last * self.cbs)
+            return
+        kept = bytes(self._read_block(last)[:rest])
+        os.ftruncate(self.fd, last * self.cbs)
+        self._pwrite_all(self.cipher.encrypt(kept, last), last * self.cbs)
+
+    def _extend(self, size: int, new_size: int) -> None:
+        """Grow with zeros; whole zero blocks become holes in the backing file."""
+        bs = self.bs
+        last, rest = divmod(size, bs)
+        if rest:
+            # Pad the old partial last block with zeros (within the same block).
+            block_end = min((last + 1) * bs, new_size)
+            old = self._read_block(last)
+            padded = bytes(old) + bytes(block_end - size)
+            self._pwrite_all(self.cipher.encrypt(padded, last), last * self.cbs)
+            size = block_end
+            if size == new_size:
+                return
+        full, rest = divmod(new_size, bs)
+        os.ftruncate(self.fd, full * self.cbs)
+        if rest:
+            self._pwrite_all(self.cipher.encrypt(bytes(rest), full), full * self.cbs)
+
+    # ------------------------------------------------------------------ durability
+
+    def fsync(self, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(self.fd)
+        else:
+            os.fsync(self.fd)
+
+
+__all__ = ["CipherFile", "BlockAuthError", "BLOCK_OVERHEAD"]

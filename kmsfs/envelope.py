@@ -1,0 +1,88 @@
+"""Envelope encryption: a fresh DEK per file, wrapped by a CMK inside the HSM.
+
+Sits between the key store (PKCS#11) and the backing-store I/O: it turns a
+``user.kmsfs`` header into a ContentCipher and back.  The DEK exists
+unwrapped only inside the returned ContentCipher (in OpenSSL's key schedule)
+and in this function's frame; it is never logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+
+from .contentcrypt import ContentCipher
+from .format import DEK_SIZE, FILE_ID_SIZE, FormatError, Header, header_prefix, parse_header
+from .keyregistry import ENABLED, KeyRecord, KeyRegistry
+from .keystore import KeyStore
+
+log = logging.getLogger(__name__)
+
+
+class KeyUnusable(Exception):
+    """The file's CMK is not Enabled (disabled, pending deletion or import)."""
+
+    errno = errno.EACCES
+
+
+class HeaderError(Exception):
+    """The header is missing, malformed or of an unsupported version."""
+
+    errno = errno.EIO
+
+
+class Envelope:
+    def __init__(self, keystore: KeyStore, registry: KeyRegistry, block_size: int) -> None:
+        self.keystore = keystore
+        self.registry = registry
+        self.block_size = block_size
+
+    def seal_new(self, key: KeyRecord, context: bytes) -> tuple[Header, ContentCipher]:
+        """A header for a new file under ``key``'s newest version, and its cipher."""
+        self._require_enabled(key)
+        dek = os.urandom(DEK_SIZE)
+        file_id = os.urandom(FILE_ID_SIZE)
+        key_uuid = key.key_uuid
+        prefix = header_prefix(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context)
+        nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
+        header = Header(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context, nonce, wrapped)
+        return header, ContentCipher(dek, file_id, self.block_size)
+
+    def parse(self, raw: bytes) -> Header:
+        try:
+            return parse_header(raw)
+        except FormatError as exc:
+            raise HeaderError(str(exc)) from exc
+
+    def key_of(self, header: Header) -> KeyRecord:
+        return self.registry.snapshot().by_uuid(uuid.UUID(bytes=header.key_id))
+
+    def open(self, header: Header) -> ContentCipher:
+        """Unwrap the header's DEK in the HSM (one HSM call)."""
+        self._require_enabled(self.key_of(header))
+        key_uuid = uuid.UUID(bytes=header.key_id)
+        dek = self.keystore.unwrap_dek(
+            key_uuid, header.key_version, header.wrap_nonce, header.wrapped_dek, header.prefix()
+        )
+        return ContentCipher(dek, header.file_id, header.block_size)
+
+    def rewrap(self, header: Header, key: KeyRecord) -> Header:
+        """The same DEK and file id under ``key``'s newest version (no content change)."""
+        self._require_enabled(self.key_of(header))
+        self._require_enabled(key)
+        old_uuid = uuid.UUID(bytes=header.key_id)
+        dek = self.keystore.unwrap_dek(
+            old_uuid, header.key_version, header.wrap_nonce, header.wrapped_dek, header.prefix()
+        )
+        key_uuid = key.key_uuid
+        prefix = header_prefix(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion, header.context)
+        nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
+        return Header(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion,
+                      header.context, nonce, wrapped)
+
+    @staticmethod
+    def _require_enabled(key: KeyRecord) -> None:
+        if key.KeyState != ENABLED:
+            raise KeyUnusable(f"CMK {key.Alias} ({key.KeyId}) is {key.KeyState}")

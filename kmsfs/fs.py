@@ -1,0 +1,783 @@
+"""The FUSE frontend: pyfuse3 operations over the encrypted backing tree.
+
+Design, after libfuse's passthrough_ll: every inode the kernel knows is held
+open as an ``O_PATH`` file descriptor on the backing file, so operations work
+relative to descriptors, never to long path strings, survive renames, and
+keep working on open-unlinked files.  FUSE inode numbers are the backing
+inode numbers (the backing root is mapped to FUSE's root), so ``st_ino`` is
+stable across mounts.
+
+Only this module (and mount.py, which starts it) imports pyfuse3.  Every
+operation goes through ``_fuse_op``, the one place where exceptions become
+``FUSEError(errno)`` and are logged once with their cause.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from .cipherfile import CipherFile
+from .contentcrypt import BlockAuthError, ContentCipher
+from .envelope import Envelope, HeaderError, KeyUnusable
+from .format import Header, canonical_context, parse_context, plaintext_size_lenient, FormatError
+from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
+from .keystore import HsmError
+from .store import PROBE_XATTR, RESERVED_ROOT_NAMES, StoreError
+
+log = logging.getLogger(__name__)
+
+HEADER_XATTR = "user.kmsfs"
+KEY_XATTR = "user.kmsfs.key"
+CONTEXT_XATTR = "user.kmsfs.context"
+_RESERVED_XATTR_PREFIX = "user.kmsfs"
+
+#: How long the kernel may cache names and attributes.  Everything that
+#: changes the tree goes through this daemon, which keeps the kernel informed;
+#: changes made behind its back in the backing store show after this long.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+class IntegrityError(Exception):
+    """Tampering or damage detected while serving a file; the caller gets EIO."""
+
+    errno = errno.EIO
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError):
+        return exc.errno or errno.EIO
+    code = getattr(exc, "errno", None)
+    return code if isinstance(code, int) else None
+
+
+def _fuse_op(fn: F) -> F:
+    """Turn every exception of an operation into one FUSEError, logged once."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any) -> Any:
+        try:
+            return await fn(*args)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            # Ordinary results such as ENOENT from lookup are not worth a log line.
+            log.debug("%s: %s", fn.__name__, exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except (HsmError, KeyUnusable, HeaderError, StoreError, IntegrityError, KeyNotFound) as exc:
+            code = _errno_of(exc) or errno.EIO
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s; answering EIO", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """The shared state of a regular file while at least one handle is open."""
+
+    fd: int
+    header: Header | None  # None: an empty file that has no header yet
+    cipher_file: CipherFile | None
+    handles: int = 0
+
+
+@dataclass(eq=False)
+class Inode:
+    ino: int
+    fd: int  # O_PATH descriptor of the backing inode
+    mode: int
+    nlookup: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    open_file: OpenFile | None = None
+
+
+@dataclass(eq=False)
+class FileHandle:
+    inode: Inode
+    flags: int
+
+
+@dataclass(eq=False)
+class DirHandle:
+    inode: Inode
+    fd: int
+    names: list[bytes] | None = None
+
+
+class KmsfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, backing: Path, envelope: Envelope, registry: KeyRegistry, block_size: int) -> None:
+        super().__init__()
+        self.backing = backing
+        self.envelope = envelope
+        self.registry = registry
+        self.block_size = block_size
+        root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(root_fd)
+        self._root_dev_ino = (st.st_dev, st.st_ino)
+        root = Inode(pyfuse3.ROOT_INODE, root_fd, st.st_mode, nlookup=1)
+        self.inodes: dict[int, Inode] = {pyfuse3.ROOT_INODE: root}
+        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = 1
+        self._foreign_ino = 1 << 62
+        self._foreign: dict[tuple[int, int], int] = {}
+        self._as_root = os.geteuid() == 0
+
+    # ================================================================ inode table
+
+    def _ino_of(self, st: os.stat_result) -> int:
+        key = (st.st_dev, st.st_ino)
+        if key == self._root_dev_ino:
+            return pyfuse3.ROOT_INODE
+        if st.st_dev == self._root_dev_ino[0] and st.st_ino != pyfuse3.ROOT_INODE:
+            return st.st_ino
+        # Another filesystem mounted inside the backing tree: numbers of our own.
+        ino = self._foreign.get(key)
+        if ino is None:
+            self._foreign_ino += 1
+            ino = self._foreign[key] = self._foreign_ino
+        return ino
+
+    def _inode(self, ino: int) -> Inode:
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            log.error("kernel used unknown inode %d", ino)
+            raise FUSEError(errno.ESTALE) from None
+
+    def _remember(self, parent_fd: int, name: bytes) -> tuple[Inode, os.stat_result]:
+        """Look ``name`` up in the backing tree and count one kernel reference."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        ino = self._ino_of(st)
+        inode = self.inodes.get(ino)
+        if inode is None:
+            inode = self.inodes[ino] = Inode(ino, fd, st.st_mode)
+        else:
+            os.close(fd)
+        inode.nlookup += 1
+        return inode, st
+
+    def _forget_one(self, inode: Inode, count: int) -> None:
+        inode.nlookup -= count
+        if inode.nlookup <= 0 and inode.open_file is None and inode.ino != pyfuse3.ROOT_INODE:
+            del self.inodes[inode.ino]
+            os.close(inode.fd)
+
+    def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.ino
+        entry.generation = 0
+        entry.entry_timeout = ENTRY_TIMEOUT
+        entry.attr_timeout = ATTR_TIMEOUT
+        entry.st_mode = st.st_mode
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        if stat.S_ISREG(st.st_mode):
+            entry.st_size = plaintext_size_lenient(st.st_size, self.block_size)
+        else:
+            entry.st_size = st.st_size
+        entry.st_blksize = self.block_size
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _check_name(self, parent: int, name: bytes) -> None:
+        if parent == pyfuse3.ROOT_INODE and name in RESERVED_ROOT_NAMES:
+            raise FUSEError(errno.EPERM)
+
+    def _path_for_log(self, inode: Inode) -> str:
+        try:
+            return os.readlink(_proc(inode.fd))
+        except OSError:
+            return f"inode {inode.ino}"
+
+    async def _new_entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
+        inode, st = self._remember(parent.fd, name)
+        return self._attrs(inode, st)
+
+    def _chown_new(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """As root, give a new entry to the user who created it (as ext4 would)."""
+        if not self._as_root or (ctx.uid == 0 and ctx.gid == 0):
+            return
+        parent_st = os.fstat(parent.fd)
+        gid = -1 if parent_st.st_mode & stat.S_ISGID else ctx.gid
+        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+
+    # ================================================================ lookups and attributes
+
+    @_fuse_op
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        if parent_inode == pyfuse3.ROOT_INODE:
+            if name in RESERVED_ROOT_NAMES:
+                raise FUSEError(errno.ENOENT)
+            if name == b"..":
+                name = b"."
+        return await self._new_entry(parent, name)
+
+    @_fuse_op
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            inode = self.inodes.get(ino)
+            if inode is not None:
+                self._forget_one(inode, count)
+
+    @_fuse_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        return self._attrs(node, os.fstat(node.fd))
+
+    @_fuse_op
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        path = _proc(node.fd)
+        if fields.update_size:
+            if not stat.S_ISREG(node.mode):
+                raise FUSEError(errno.EINVAL)
+            await self._truncate(node, attr.st_size)
+        if fields.update_mode:
+            if stat.S_ISLNK(node.mode):
+                raise FUSEError(errno.EOPNOTSUPP)
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            os.chown(path, uid, gid)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(node.fd)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(path, ns=(atime, mtime))
+        return self._attrs(node, os.fstat(node.fd))
+
+    async def _truncate(self, node: Inode, size: int) -> None:
+        # truncate(2) comes without a handle; take a reference of our own.
+        open_file = await self._acquire(node, os.O_RDWR)
+        try:
+            async with node.lock:
+                if open_file.cipher_file is None:
+                    if size == 0:
+                        return
+                    await self._give_header(node, open_file)
+                assert open_file.cipher_file is not None
+                await self._in_thread(node, open_file.cipher_file.truncate, size)
+        finally:
+            self._release_open(node)
+
+    @_fuse_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode)
+        return os.fsencode(os.readlink("", dir_fd=node.fd))
+
+    @_fuse_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(_proc(self.inodes[pyfuse3.ROOT_INODE].fd))
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(data, name, getattr(sv, name))
+        data.f_namemax = sv.f_namemax
+        return data
+
+    # ================================================================ directory changes
+
+    @_fuse_op
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
+        self._chown_new(parent, name, ctx)
+        return await self._new_entry(parent, name)
+
+    @_fuse_op
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        if stat.S_ISREG(mode):
+            fd = await self._create_file(parent, name, mode, ctx)
+            os.close(fd)
+        else:
+            os.mknod(name, mode, rdev, dir_fd=parent.fd)
+            self._chown_new(parent, name, ctx)
+        return await self._new_entry(parent, name)
+
+    @_fuse_op
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        os.symlink(target, name, dir_fd=parent.fd)
+        self._chown_new(parent, name, ctx)
+        return await self._new_entry(parent, name)
+
+    @_fuse_op
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_name(new_parent_inode, new_name)
+        node = self._inode(inode)
+        parent = self._inode(new_parent_inode)
+        # linkat through /proc with AT_SYMLINK_FOLLOW links the inode itself,
+        # without the CAP_DAC_READ_SEARCH that AT_EMPTY_PATH would need.
+        os.link(_proc(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        return await self._new_entry(parent, new_name)
+
+    @_fuse_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(parent_inode, name)
+        os.unlink(name, dir_fd=self._inode(parent_inode).fd)
+
+    @_fuse_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(parent_inode, name)
+        os.rmdir(name, dir_fd=self._inode(parent_inode).fd)
+
+    @_fuse_op
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._check_name(parent_inode_old, name_old)
+        self._check_name(parent_inode_new, name_new)
+        old_fd = self._inode(parent_inode_old).fd
+        new_fd = self._inode(parent_inode_new).fd
+        if flags == 0:
+            os.rename(name_old, name_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            return
+        if _libc.renameat2(old_fd, name_old, new_fd, name_new, flags) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    # ================================================================ regular files
+
+    async def _in_thread(self, node: Inode, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking disk I/O and bulk crypto off the trio loop; name damage precisely."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except BlockAuthError as exc:
+            raise IntegrityError(f"{self._path_for_log(node)}: {exc}") from None
+
+    async def _effective_key_and_context(self, parent: Inode) -> tuple[KeyRecord, bytes]:
+        """The CMK and encryption context that the nearest ancestors name."""
+        key_ref: str | None = None
+        context: bytes | None = None
+        fd = os.open(_proc(parent.fd), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while key_ref is None or context is None:
+                path = _proc(fd)
+                if key_ref is None:
+                    key_ref = _get_xattr_or_none(path, KEY_XATTR)
+                if context is None:
+                    raw = _get_xattr_or_none(path, CONTEXT_XATTR)
+                    context = None if raw is None else raw.encode()
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == self._root_dev_ino:
+                    break
+                up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = up
+        finally:
+            os.close(fd)
+        registry = self.registry.snapshot()
+        key = registry.resolve(key_ref) if key_ref else registry.default()
+        return key, context or b""
+
+    async def _create_file(self, parent: Inode, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
+                           flags: int = os.O_RDWR, exclusive: bool = True) -> int:
+        """Create a regular file with a fresh header; returns an O_RDWR fd on it."""
+        key, context = await self._effective_key_and_context(parent)
+        header, _ = await trio.to_thread.run_sync(self.envelope.seal_new, key, context)
+        open_flags = os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
+        fd = os.open(name, open_flags, stat.S_IMODE(mode), dir_fd=parent.fd)
+        try:
+            os.setxattr(fd, HEADER_XATTR, header.to_bytes())
+            self._chown_new(parent, name, ctx)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name, dir_fd=parent.fd)
+            raise
+        return fd
+
+    @_fuse_op
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        try:
+            fd = await self._create_file(parent, name, mode, ctx)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Lost a race with another creator: open what is there, as open(2) would.
+            entry = await self._new_entry(parent, name)
+            info = await self.open(entry.st_ino, flags & ~os.O_CREAT, ctx)
+            return info, entry
+        os.close(fd)
+        inode, st = self._remember(parent.fd, name)
+        fh = await self._open_handle(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(inode, st)
+
+    @_fuse_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        fh = await self._open_handle(node, flags)
+        if flags & os.O_TRUNC:
+            try:
+                await self._truncate(node, 0)
+            except BaseException:
+                await self._close_handle(fh)
+                raise
+        # The kernel drops its cached pages on every open (keep_cache=False), so
+        # damage or changes in the backing store are seen by the next open.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    async def _open_handle(self, node: Inode, flags: int) -> int:
+        await self._acquire(node, flags)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = FileHandle(node, flags)
+        return fh
+
+    async def _acquire(self, node: Inode, flags: int) -> OpenFile:
+        """Open the backing file and unwrap its DEK, once for all handles of the inode."""
+        async with node.lock:
+            open_file = node.open_file
+            if open_file is not None:
+                open_file.handles += 1
+                return open_file
+            try:
+                fd = os.open(_proc(node.fd), os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:
+                if flags & os.O_ACCMODE != os.O_RDONLY:
+                    raise
+                fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EROFS:
+                    raise
+                fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                open_file = await self._load(node, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            open_file.handles = 1
+            node.open_file = open_file
+            return open_file
+
+    async def _load(self, node: Inode, fd: int) -> OpenFile:
+        try:
+            raw = os.getxattr(fd, HEADER_XATTR)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+            if os.fstat(fd).st_size == 0:
+                return OpenFile(fd, None, None)
+            raise HeaderError(
+                f"{self._path_for_log(node)}: the header (xattr {HEADER_XATTR}) is missing on a "
+                f"non-empty file; was the store copied without xattrs?"
+            ) from None
+        try:
+            header = self.envelope.parse(raw)
+        except HeaderError as exc:
+            raise HeaderError(f"{self._path_for_log(node)}: bad header: {exc}") from None
+        if header.block_size != self.block_size:
+            raise HeaderError(
+                f"{self._path_for_log(node)}: header block size {header.block_size} differs "
+                f"from the store's {self.block_size}"
+            )
+        try:
+            cipher = await trio.to_thread.run_sync(self.envelope.open, header)
+        except HsmError as exc:
+            raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
+        return OpenFile(fd, header, CipherFile(fd, cipher))
+
+    async def _give_header(self, node: Inode, open_file: OpenFile) -> None:
+        """A header for an empty file that has none (created behind our back)."""
+        key = self.registry.snapshot().default()
+        header, cipher = await trio.to_thread.run_sync(self.envelope.seal_new, key, b"")
+        os.setxattr(open_file.fd, HEADER_XATTR, header.to_bytes())
+        open_file.header = header
+        open_file.cipher_file = CipherFile(open_file.fd, cipher)
+
+    def _release_open(self, node: Inode) -> None:
+        open_file = node.open_file
+        assert open_file is not None
+        open_file.handles -= 1
+        if open_file.handles <= 0:
+            node.open_file = None
+            # Dropping the cipher drops the unwrapped DEK: it lives only while open.
+            open_file.cipher_file = None
+            os.close(open_file.fd)
+            if node.nlookup <= 0 and node.ino != pyfuse3.ROOT_INODE:
+                self._forget_one(node, 0)
+
+    def _file_handle(self, fh: int) -> FileHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, FileHandle):
+            raise FUSEError(errno.EBADF)
+        return handle
+
+    @_fuse_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._file_handle(fh)
+        node = handle.inode
+        open_file = node.open_file
+        assert open_file is not None
+        async with node.lock:
+            if open_file.cipher_file is None:
+                return b""
+            return await self._in_thread(node, open_file.cipher_file.read, off, size)
+
+    @_fuse_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._file_handle(fh)
+        if handle.flags & os.O_ACCMODE == os.O_RDONLY:
+            raise FUSEError(errno.EBADF)
+        node = handle.inode
+        open_file = node.open_file
+        assert open_file is not None
+        async with node.lock:
+            if open_file.cipher_file is None:
+                await self._give_header(node, open_file)
+            cipher_file = open_file.cipher_file
+            assert cipher_file is not None
+            if handle.flags & os.O_APPEND:
+                off = cipher_file.size()
+            return await self._in_thread(node, cipher_file.write, off, buf)
+
+    @_fuse_op
+    async def flush(self, fh: int) -> None:
+        # Writes go straight to the backing file; there is nothing buffered here.
+        self._file_handle(fh)
+
+    @_fuse_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        node = self._file_handle(fh).inode
+        open_file = node.open_file
+        assert open_file is not None
+        fd = open_file.fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    @_fuse_op
+    async def release(self, fh: int) -> None:
+        await self._close_handle(fh)
+
+    async def _close_handle(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, FileHandle):
+            async with handle.inode.lock:
+                self._release_open(handle.inode)
+
+    # ================================================================ directories
+
+    @_fuse_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._inode(inode)
+        fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = DirHandle(node, fd)
+        return fh
+
+    def _dir_handle(self, fh: int) -> DirHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, DirHandle):
+            raise FUSEError(errno.EBADF)
+        return handle
+
+    @_fuse_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dir_handle(fh)
+        node = handle.inode
+        if start_id == 0 or handle.names is None:
+            names = [os.fsencode(n) for n in os.listdir(handle.fd)]
+            if node.ino == pyfuse3.ROOT_INODE:
+                names = [n for n in names if n not in RESERVED_ROOT_NAMES]
+            handle.names = [b".", b".."] + names
+        names = handle.names
+        for index in range(start_id, len(names)):
+            name = names[index]
+            if name in (b".", b".."):
+                # The kernel takes no reference for dot entries.
+                attrs = self._attrs(node, os.fstat(node.fd))
+                if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                    return
+                continue
+            try:
+                inode, st = self._remember(node.fd, name)
+            except FileNotFoundError:
+                continue  # removed since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
+                self._forget_one(inode, 1)
+                return
+
+    @_fuse_op
+    async def releasedir(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, DirHandle):
+            os.close(handle.fd)
+
+    @_fuse_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        fd = self._dir_handle(fh).fd
+        await trio.to_thread.run_sync(os.fsync, fd)
+
+    # ================================================================ extended attributes
+
+    def _header_of(self, node: Inode) -> Header | None:
+        if node.open_file is not None and node.open_file.header is not None:
+            return node.open_file.header
+        raw = _get_raw_xattr_or_none(_proc(node.fd), HEADER_XATTR)
+        if raw is None:
+            return None
+        try:
+            return self.envelope.parse(raw)
+        except HeaderError as exc:
+            raise HeaderError(f"{self._path_for_log(node)}: bad header: {exc}") from None
+
+    @_fuse_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode)
+        text = os.fsdecode(name)
+        if text == HEADER_XATTR or text == PROBE_XATTR:
+            raise FUSEError(pyfuse3.ENOATTR)
+        if stat.S_ISREG(node.mode) and text in (KEY_XATTR, CONTEXT_XATTR):
+            header = self._header_of(node)
+            if header is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            if text == CONTEXT_XATTR:
+                if not header.context:
+                    raise FUSEError(pyfuse3.ENOATTR)
+                return header.context
+            key_id = str(uuid.UUID(bytes=header.key_id))
+            try:
+                alias = self.registry.snapshot().resolve(key_id).Alias
+            except KeyNotFound:
+                alias = ""
+            return json.dumps({"KeyId": key_id, "Alias": alias, "KeyVersion": header.key_version}).encode()
+        return os.getxattr(_proc(node.fd), name)
+
+    @_fuse_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self._inode(inode)
+        if stat.S_ISLNK(node.mode):
+            return []
+        names = [n for n in os.listxattr(_proc(node.fd)) if n not in (HEADER_XATTR, PROBE_XATTR)]
+        if stat.S_ISREG(node.mode):
+            header = self._header_of(node)
+            if header is not None:
+                names.append(KEY_XATTR)
+                if header.context:
+                    names.append(CONTEXT_XATTR)
+        return [os.fsencode(n) for n in names]
+
+    @_fuse_op
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._inode(inode)
+        text = os.fsdecode(name)
+        if not text.startswith(_RESERVED_XATTR_PREFIX):
+            os.setxattr(_proc(node.fd), name, value)
+            return
+        if stat.S_ISDIR(node.mode) and text == KEY_XATTR:
+            try:
+                key = self.registry.snapshot().resolve(value.decode("utf-8", "strict"))
+            except (UnicodeDecodeError, KeyNotFound) as exc:
+                log.warning("setxattr %s on %s refused: %s", KEY_XATTR, self._path_for_log(node), exc)
+                raise FUSEError(errno.EINVAL) from None
+            os.setxattr(_proc(node.fd), KEY_XATTR, key.KeyId.encode())
+            return
+        if stat.S_ISDIR(node.mode) and text == CONTEXT_XATTR:
+            try:
+                context = parse_context(value)
+            except FormatError as exc:
+                log.warning("setxattr %s on %s refused: %s", CONTEXT_XATTR, self._path_for_log(node), exc)
+                raise FUSEError(errno.EINVAL) from None
+            os.setxattr(_proc(node.fd), CONTEXT_XATTR, canonical_context(context) or b"{}")
+            return
+        if stat.S_ISREG(node.mode) and text == KEY_XATTR:
+            await self._rewrap_to(node, value)
+            return
+        log.warning("setxattr %s on %s refused: reserved for kmsfs", text, self._path_for_log(node))
+        raise FUSEError(errno.EPERM)
+
+    async def _rewrap_to(self, node: Inode, value: bytes) -> None:
+        """Move a file to another CMK: rewrap its DEK, the content stays as it is."""
+        try:
+            key = self.registry.snapshot().resolve(value.decode("utf-8", "strict"))
+        except (UnicodeDecodeError, KeyNotFound) as exc:
+            log.warning("setxattr %s on %s refused: %s", KEY_XATTR, self._path_for_log(node), exc)
+            raise FUSEError(errno.EINVAL) from None
+        async with node.lock:
+            header = self._header_of(node)
+            if header is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            new_header = await trio.to_thread.run_sync(self.envelope.rewrap, header, key)
+            # One setxattr replaces the header atomically on the backing filesystem.
+            os.setxattr(_proc(node.fd), HEADER_XATTR, new_header.to_bytes())
+            if node.open_file is not None:
+                node.open_file.header = new_header
+        log.info("rewrapped %s to CMK %s v%d", self._path_for_log(node), key.KeyId, key.CurrentVersion)
+
+    @_fuse_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._inode(inode)
+        text = os.fsdecode(name)
+        if text.startswith(_RESERVED_XATTR_PREFIX) and not (
+            stat.S_ISDIR(node.mode) and text in (KEY_XATTR, CONTEXT_XATTR)
+        ):
+            raise FUSEError(errno.EPERM)
+        os.removexattr(_proc(node.fd), name)
+
+
+def _get_raw_xattr_or_none(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _get_xattr_or_none(path: str, name: str) -> str | None:
+    raw = _get_raw_xattr_or_none(path, name)
+    return None if raw is None else raw.decode("utf-8", "replace")

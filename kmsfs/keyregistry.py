@@ -1,0 +1,216 @@
+"""CMK metadata, kept in BACKING/.kmsfs.d/keys.json.
+
+The HSM holds the key material; this file holds what a cloud KMS shows about a
+key: its id, alias, description, state, owner, versions and schedule.  Field
+names follow Tencent Cloud KMS's KeyMetadata.
+
+The metadata is not trusted for security: a disabled key is also refused by
+the HSM itself, so editing this file cannot undo a disable.  Updates take an
+exclusive flock and replace the file atomically, so several mounts of one
+store see the same keys.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .store import StoreError, atomic_write, store_dir
+
+log = logging.getLogger(__name__)
+
+KEYS_NAME = "keys.json"
+LOCK_NAME = "keys.lock"
+DEFAULT_ALIAS = "kmsfs-default"
+OWNER_FILESYSTEM = "kmsfs"
+ORIGIN_KMSFS = "KMSFS"
+ORIGIN_EXTERNAL = "EXTERNAL"
+
+ENABLED = "Enabled"
+DISABLED = "Disabled"
+PENDING_DELETE = "PendingDelete"
+PENDING_IMPORT = "PendingImport"
+KEY_STATES = (ENABLED, DISABLED, PENDING_DELETE, PENDING_IMPORT)
+
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9_\-/.]{1,60}$")
+
+T = TypeVar("T")
+
+
+class KeyNotFound(StoreError):
+    pass
+
+
+def validate_alias(alias: str) -> str:
+    if not _ALIAS_RE.match(alias) or alias.startswith(".") or "/" in alias:
+        raise ValueError(
+            "an alias is 1 to 60 characters of letters, digits, '_', '-' and '.', not starting with '.'"
+        )
+    return alias
+
+
+@dataclass
+class KeyRecord:
+    KeyId: str
+    Alias: str
+    Description: str = ""
+    KeyState: str = ENABLED
+    Origin: str = ORIGIN_KMSFS
+    Owner: str = OWNER_FILESYSTEM
+    CreateTime: int = 0
+    KeyRotationEnabled: bool = False
+    RotateDays: int = 0
+    LastRotateTime: int = 0
+    NextRotateTime: int = 0
+    DeletionDate: int = 0
+    CurrentVersion: int = 1
+    #: Versions that exist in the HSM (destroyed ones are removed).
+    Versions: list[int] = field(default_factory=lambda: [1])
+    #: uid/gid grants, e.g. {"uid:1000": "use"}; filled by the lifecycle layer.
+    Grants: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key_uuid(self) -> uuid.UUID:
+        return uuid.UUID(self.KeyId)
+
+    @property
+    def filesystem_managed(self) -> bool:
+        return self.Owner == OWNER_FILESYSTEM
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "KeyRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        uuid.UUID(record.KeyId)
+        if record.KeyState not in KEY_STATES:
+            raise ValueError(f"unknown key state {record.KeyState!r}")
+        return record
+
+
+@dataclass
+class Registry:
+    keys: dict[str, KeyRecord] = field(default_factory=dict)  # by KeyId
+    default_key: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "default_key": self.default_key,
+            "keys": [asdict(k) for k in sorted(self.keys.values(), key=lambda k: k.CreateTime)],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Registry":
+        keys = {}
+        for item in data.get("keys", []):
+            record = KeyRecord.from_json(item)
+            keys[record.KeyId] = record
+        return cls(keys=keys, default_key=str(data.get("default_key", "")))
+
+    def resolve(self, ref: str) -> KeyRecord:
+        """A key by KeyId or alias."""
+        ref = ref.strip()
+        record = self.keys.get(ref)
+        if record is not None:
+            return record
+        try:
+            record = self.keys.get(str(uuid.UUID(ref)))
+        except ValueError:
+            record = None
+        if record is not None:
+            return record
+        for candidate in self.keys.values():
+            if candidate.Alias == ref:
+                return candidate
+        raise KeyNotFound(f"no CMK with id or alias {ref!r}")
+
+    def by_uuid(self, key_id: uuid.UUID) -> KeyRecord:
+        record = self.keys.get(str(key_id))
+        if record is None:
+            raise KeyNotFound(f"CMK {key_id} is not known to this store")
+        return record
+
+    def default(self) -> KeyRecord:
+        return self.resolve(self.default_key)
+
+
+class KeyRegistry:
+    """Cached, lock-protected access to keys.json."""
+
+    def __init__(self, backing: Path) -> None:
+        self._path = store_dir(backing) / KEYS_NAME
+        self._lock_path = store_dir(backing) / LOCK_NAME
+        self._cached: Registry | None = None
+        self._cached_stamp: tuple[int, int, int] | None = None
+        self._mutex = threading.Lock()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read(self) -> Registry:
+        try:
+            data = json.loads(self._path.read_bytes())
+        except FileNotFoundError:
+            return Registry()
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{self._path} is damaged: {exc}") from exc
+        try:
+            return Registry.from_json(data)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreError(f"{self._path} is damaged: {exc}") from exc
+
+    def snapshot(self) -> Registry:
+        """The current registry; re-read only when the file changed (another mount)."""
+        with self._mutex:
+            stamp = self._stamp()
+            if self._cached is None or stamp != self._cached_stamp:
+                self._cached = self._read()
+                self._cached_stamp = stamp
+            return self._cached
+
+    @contextmanager
+    def _flock(self) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def update(self, change: Callable[[Registry], T]) -> T:
+        """Apply ``change`` to a fresh copy under an exclusive lock and save it atomically.
+
+        If ``change`` raises, nothing is written.
+        """
+        with self._mutex, self._flock():
+            registry = self._read()
+            result = change(registry)
+            atomic_write(self._path, (json.dumps(registry.to_json(), indent=2) + "\n").encode())
+            self._cached = registry
+            self._cached_stamp = self._stamp()
+            return result
+
+
+def new_key_record(alias: str, owner: str, origin: str = ORIGIN_KMSFS, description: str = "") -> KeyRecord:
+    now = int(time.time())
+    state = PENDING_IMPORT if origin == ORIGIN_EXTERNAL else ENABLED
+    versions = [] if origin == ORIGIN_EXTERNAL else [1]
+    return KeyRecord(
+        KeyId=str(uuid.uuid4()), Alias=validate_alias(alias), Description=description,
+        KeyState=state, Origin=origin, Owner=owner, CreateTime=now,
+        CurrentVersion=1 if versions else 0, Versions=versions,
+    )

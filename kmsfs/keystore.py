@@ -1,0 +1,285 @@
+"""The key store: customer master keys inside a PKCS#11 HSM.
+
+Every CMK version is one AES-256 secret key object on the token, generated
+inside the HSM as sensitive and non-extractable.  kmsfs only ever asks the HSM
+to encrypt or decrypt a 32-byte data key with CKM_AES_GCM (named explicitly),
+with a random 96-bit nonce from os.urandom and associated data supplied by
+the caller.  Key material never leaves the HSM.
+
+A PKCS#11 session must not be used by two threads at once, so every call goes
+through one lock.  Callers on the trio loop run these methods in a worker
+thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+import uuid
+from typing import Any
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11exc
+from pkcs11.mechanisms import GCMParams
+
+from .format import DEK_SIZE, NONCE_SIZE, TAG_SIZE
+from .pkcs11uri import Pkcs11Uri, UriError
+
+log = logging.getLogger(__name__)
+
+GCM_TAG_BITS = 128
+# python-pkcs11 has no exception class for this return value; it reports the code.
+CKR_KEY_FUNCTION_NOT_PERMITTED = 0x68
+_VERSION = struct.Struct(">I")
+
+
+class HsmError(Exception):
+    """A failure at the HSM boundary.  ``errno`` is what a FUSE caller gets."""
+
+    errno = errno.EIO
+
+
+class HsmModuleError(HsmError):
+    """The PKCS#11 module can't be found or loaded."""
+
+
+class HsmTokenNotFound(HsmError):
+    """No token with the configured label."""
+
+
+class HsmPinIncorrect(HsmError):
+    errno = errno.EACCES
+
+
+class HsmKeyMissing(HsmError):
+    """The CMK version is not on the token (never created, or destroyed)."""
+
+    errno = errno.EIO
+
+
+class HsmKeyRefused(HsmError):
+    """The HSM refuses to use the key for this function (e.g. disabled)."""
+
+    errno = errno.EACCES
+
+
+class HsmUnwrapFailed(HsmError):
+    """The wrapped data or its associated data was altered, or the wrong key was used."""
+
+    errno = errno.EIO
+
+
+_loaded_libs: dict[str, Any] = {}
+_libs_lock = threading.Lock()
+
+
+def _load_module(path: str) -> Any:
+    with _libs_lock:
+        lib = _loaded_libs.get(path)
+        if lib is None:
+            if not os.path.exists(path):
+                raise HsmModuleError(f"PKCS#11 module {path} does not exist")
+            try:
+                lib = pkcs11.lib(path)
+            except (RuntimeError, OSError, p11exc.PKCS11Error) as exc:
+                raise HsmModuleError(f"cannot load PKCS#11 module {path}: {exc}") from exc
+            _loaded_libs[path] = lib
+        return lib
+
+
+def object_id(key_id: uuid.UUID, version: int) -> bytes:
+    """CKA_ID of one CMK version: the 16 key id bytes and the version, big-endian."""
+    return key_id.bytes + _VERSION.pack(version)
+
+
+def object_label(key_id: uuid.UUID, version: int) -> str:
+    return f"kmsfs:{key_id}:v{version}"
+
+
+class KeyStore:
+    """A logged-in session on one PKCS#11 token."""
+
+    def __init__(self, uri: Pkcs11Uri, env: dict[str, str] | None = None) -> None:
+        self.uri = uri
+        # Modules such as SoftHSM2 read their configuration from the environment
+        # when they are first initialised, so it must be set before loading.
+        for name, value in (env or {}).items():
+            os.environ[name] = value
+        lib = _load_module(uri.module_path)
+        try:
+            self._token = lib.get_token(token_label=uri.token)
+        except p11exc.NoSuchToken as exc:
+            raise HsmTokenNotFound(
+                f"no PKCS#11 token labelled {uri.token!r} in module {uri.module_path}"
+            ) from exc
+        except p11exc.PKCS11Error as exc:
+            raise HsmError(f"cannot list tokens of {uri.module_path}: {_describe(exc)}") from exc
+        try:
+            pin = uri.read_pin()
+        except UriError as exc:
+            raise HsmPinIncorrect(str(exc)) from exc
+        try:
+            self._session = self._token.open(user_pin=pin, rw=True)
+        except (p11exc.PinIncorrect, p11exc.PinLenRange, p11exc.PinInvalid) as exc:
+            raise HsmPinIncorrect(f"the PIN for token {uri.token!r} is wrong") from exc
+        except p11exc.PinLocked as exc:
+            raise HsmPinIncorrect(f"the PIN of token {uri.token!r} is locked") from exc
+        except p11exc.PKCS11Error as exc:
+            raise HsmError(f"cannot log in to token {uri.token!r}: {_describe(exc)}") from exc
+        self._lock = threading.Lock()
+        self._handles: dict[bytes, Any] = {}
+        log.info("logged in to PKCS#11 token %r (module %s)", uri.token, uri.module_path)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()
+            try:
+                self._session.close()
+            except p11exc.PKCS11Error:
+                log.warning("closing the PKCS#11 session failed", exc_info=True)
+
+    def generate_key(self, key_id: uuid.UUID, version: int) -> None:
+        """Create CMK version ``version`` inside the HSM, non-extractable."""
+        oid = object_id(key_id, version)
+        template = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+            Attribute.MODIFIABLE: True,
+        }
+        with self._lock:
+            try:
+                key = self._session.generate_key(
+                    KeyType.AES, 256, id=oid, label=object_label(key_id, version),
+                    store=True, template=template,
+                    mechanism=Mechanism.AES_KEY_GEN,
+                )
+            except p11exc.PKCS11Error as exc:
+                raise HsmError(f"the HSM could not generate a key: {_describe(exc)}") from exc
+            self._handles[oid] = key
+        log.info("generated CMK %s version %d in the HSM", key_id, version)
+
+    def has_key(self, key_id: uuid.UUID, version: int) -> bool:
+        with self._lock:
+            try:
+                self._key(key_id, version)
+            except HsmKeyMissing:
+                return False
+            return True
+
+    def set_usable(self, key_id: uuid.UUID, version: int, usable: bool) -> None:
+        """Turn the key's CKA_ENCRYPT and CKA_DECRYPT on or off inside the HSM."""
+        with self._lock:
+            key = self._key(key_id, version)
+            try:
+                key[Attribute.ENCRYPT] = usable
+                key[Attribute.DECRYPT] = usable
+            except p11exc.PKCS11Error as exc:
+                raise HsmError(f"the HSM refused to change key {key_id} v{version}: {_describe(exc)}") from exc
+
+    def destroy_key(self, key_id: uuid.UUID, version: int) -> None:
+        with self._lock:
+            key = self._key(key_id, version)
+            try:
+                key.destroy()
+            except p11exc.PKCS11Error as exc:
+                raise HsmError(f"the HSM could not destroy key {key_id} v{version}: {_describe(exc)}") from exc
+            self._handles.pop(object_id(key_id, version), None)
+        log.warning("destroyed CMK %s version %d in the HSM", key_id, version)
+
+    # ------------------------------------------------------------------ use
+
+    def wrap(self, key_id: uuid.UUID, version: int, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-GCM encrypt small data inside the HSM.  Returns (nonce, ciphertext||tag)."""
+        nonce = os.urandom(NONCE_SIZE)
+        with self._lock:
+            key = self._key(key_id, version)
+            try:
+                sealed = key.encrypt(
+                    plaintext, mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
+                )
+            except p11exc.PKCS11Error as exc:
+                raise self._use_error(exc, key_id, version, "encrypt") from exc
+        return nonce, bytes(sealed)
+
+    def unwrap(self, key_id: uuid.UUID, version: int, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+        """AES-GCM decrypt inside the HSM; HsmUnwrapFailed when anything was altered."""
+        if len(nonce) != NONCE_SIZE or len(sealed) < TAG_SIZE:
+            raise HsmUnwrapFailed("wrapped data has a wrong length")
+        with self._lock:
+            key = self._key(key_id, version)
+            try:
+                plain = key.decrypt(
+                    sealed, mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
+                )
+            except p11exc.PKCS11Error as exc:
+                raise self._use_error(exc, key_id, version, "decrypt") from exc
+        return bytes(plain)
+
+    def wrap_dek(self, key_id: uuid.UUID, version: int, dek: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        if len(dek) != DEK_SIZE:
+            raise ValueError("a DEK is 32 bytes")
+        return self.wrap(key_id, version, dek, aad)
+
+    def unwrap_dek(self, key_id: uuid.UUID, version: int, nonce: bytes, wrapped: bytes, aad: bytes) -> bytes:
+        dek = self.unwrap(key_id, version, nonce, wrapped, aad)
+        if len(dek) != DEK_SIZE:
+            raise HsmUnwrapFailed("unwrapped data key has a wrong length")
+        return dek
+
+    # ------------------------------------------------------------------ internals
+
+    def _key(self, key_id: uuid.UUID, version: int) -> Any:
+        oid = object_id(key_id, version)
+        key = self._handles.get(oid)
+        if key is None:
+            try:
+                key = self._session.get_key(object_class=ObjectClass.SECRET_KEY, id=oid)
+            except p11exc.NoSuchKey as exc:
+                raise HsmKeyMissing(f"CMK {key_id} version {version} is not in the HSM") from exc
+            except p11exc.PKCS11Error as exc:
+                raise HsmError(f"HSM lookup of CMK {key_id} v{version} failed: {_describe(exc)}") from exc
+            self._handles[oid] = key
+        return key
+
+    def _use_error(self, exc: Exception, key_id: uuid.UUID, version: int, op: str) -> HsmError:
+        if _code(exc) == CKR_KEY_FUNCTION_NOT_PERMITTED:
+            return HsmKeyRefused(f"the HSM refuses to {op} with CMK {key_id} v{version} (key disabled)")
+        if isinstance(exc, (p11exc.ObjectHandleInvalid, p11exc.KeyHandleInvalid)):
+            self._handles.pop(object_id(key_id, version), None)
+            return HsmKeyMissing(f"CMK {key_id} version {version} is no longer in the HSM")
+        if op == "decrypt" and isinstance(
+            exc, (p11exc.GeneralError, p11exc.EncryptedDataInvalid, p11exc.EncryptedDataLenRange)
+        ):
+            # SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR.
+            return HsmUnwrapFailed(f"CMK {key_id} v{version} could not unwrap: data or context altered")
+        return HsmError(f"HSM {op} with CMK {key_id} v{version} failed: {_describe(exc)}")
+
+
+def _code(exc: Exception) -> int | None:
+    text = str(exc)
+    if "0x" in text:
+        try:
+            return int(text.rsplit("0x", 1)[1].split()[0], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__

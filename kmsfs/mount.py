@@ -1,0 +1,220 @@
+"""Starting, serving and stopping a mount (the daemon side of ``kmsfs mount``).
+
+``kmsfs mount`` without ``-f`` starts this same code in a child process and
+waits on a pipe until the child reports ``READY`` (mounted) or an error, so
+that the command returns only once the mount can be used, or fails with the
+child's message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import resource
+import signal
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .envelope import Envelope
+from .fs import KmsfsOperations
+from .keyregistry import KeyRegistry
+from .keystore import HsmError, KeyStore
+from .pkcs11uri import Pkcs11Uri, UriError
+from .store import StoreError, check_user_xattrs, load_config, store_dir
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """The mount is refused; the message says why."""
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "kmsfs" if base else Path(f"/tmp/kmsfs-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def pidfile_for(mountpoint: Path) -> Path:
+    digest = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:24]
+    return runtime_dir() / f"{digest}.pid"
+
+
+def is_mountpoint(path: Path) -> bool:
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 1 and fields[1].replace("\\040", " ") == target:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def check_mountpoint(backing: Path, mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise MountError(f"mountpoint {mountpoint} does not exist; create it with mkdir")
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    mp = mountpoint.resolve()
+    bk = backing.resolve()
+    if mp == bk or bk in mp.parents:
+        raise MountError(f"mountpoint {mountpoint} lies inside the backing store {backing}")
+    if is_mountpoint(mp):
+        raise MountError(f"{mountpoint} is already a mountpoint; unmount it first")
+    if not os.access(mp, os.W_OK | os.X_OK) and os.geteuid() != 0:
+        raise MountError(f"mountpoint {mountpoint} is not writable by you")
+
+
+def _fuse_options(backing: Path, extra: list[str]) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"default_permissions", f"fsname=kmsfs:{backing.resolve()}", "subtype=kmsfs"}
+    for item in extra:
+        for option in item.split(","):
+            option = option.strip()
+            if option:
+                options.add(option)
+    return options
+
+
+def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[KmsfsOperations, KeyStore]:
+    """Every check that can refuse a mount, then the operations object."""
+    config = load_config(backing)
+    check_mountpoint(backing, mountpoint)
+    check_user_xattrs(store_dir(backing))
+    try:
+        uri = Pkcs11Uri.parse(uri_override) if uri_override else config.uri()
+    except UriError as exc:
+        raise MountError(f"bad PKCS#11 URI: {exc}") from exc
+    keystore = KeyStore(uri, config.hsm_env)
+    try:
+        registry = KeyRegistry(backing)
+        default = registry.snapshot().default()
+        if not keystore.has_key(default.key_uuid, default.CurrentVersion):
+            raise MountError(
+                f"the default CMK {default.KeyId} is not on token {uri.token!r}: "
+                f"is this the HSM the store was created with?"
+            )
+        envelope = Envelope(keystore, registry, config.block_size)
+        ops = KmsfsOperations(backing, envelope, registry, config.block_size)
+    except BaseException:
+        keystore.close()
+        raise
+    return ops, keystore
+
+
+def _raise_fd_limit() -> None:
+    # Every inode the kernel holds costs one O_PATH descriptor.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def serve(
+    backing: Path, mountpoint: Path, options: list[str], uri_override: str | None,
+    ready_fd: int | None = None,
+) -> int:
+    """Mount and serve until unmounted or signalled.  Returns an exit status."""
+
+    def report(message: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (message + "\n").encode())
+            except OSError:
+                pass
+
+    try:
+        ops, keystore = prepare(backing, mountpoint, uri_override)
+    except (MountError, StoreError, HsmError, UriError) as exc:
+        log.error("mount refused: %s", exc)
+        report(f"ERROR {exc}")
+        return 1
+    _raise_fd_limit()
+    # Resolved before mounting: once mounted, touching the mountpoint would
+    # wait for this very process to serve it.
+    pidfile = pidfile_for(mountpoint)
+    # Modes arrive from the kernel with the caller's umask already applied.
+    os.umask(0)
+    try:
+        pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, options))
+    except RuntimeError as exc:
+        keystore.close()
+        message = f"FUSE mount of {mountpoint} failed: {exc}"
+        if not os.path.exists("/dev/fuse"):
+            message += " (/dev/fuse is missing: is the fuse module loaded?)"
+        log.error("%s", message)
+        report(f"ERROR {message}")
+        return 1
+    pidfile.write_text(f"{os.getpid()}\n")
+    log.info("mounted %s on %s", backing, mountpoint)
+    report("READY")
+    if ready_fd is not None:
+        os.close(ready_fd)
+    unmount = True
+    try:
+        trio.run(_main_loop)
+    except Exception:
+        log.exception("the FUSE main loop failed")
+        raise
+    finally:
+        try:
+            pyfuse3.close(unmount=unmount)
+        except Exception:  # the kernel side may already be gone (fusermount3 -u)
+            log.debug("pyfuse3.close", exc_info=True)
+        keystore.close()
+        pidfile.unlink(missing_ok=True)
+        log.info("unmounted %s", mountpoint)
+    return 0
+
+
+async def _main_loop() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
+    """``kmsfs umount``: flush, unmount, and wait for the daemon to finish."""
+    import subprocess
+    import time
+
+    if not is_mountpoint(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    pidfile = pidfile_for(mountpoint)
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pid = None
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"fusermount3 -u {mountpoint} failed: {result.stderr.strip()}")
+    # Writes reach the backing files synchronously; make them durable there too.
+    os.sync()
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if not pidfile.exists():
+            return
+        time.sleep(0.05)
+    raise MountError(f"unmounted, but the daemon (pid {pid}) has not exited after {timeout:.0f}s")
