@@ -37,10 +37,12 @@ class CipherFile:
     def read(self, offset: int, length: int) -> bytes:
         ct_size = os.fstat(self.fd).st_size
         size = plaintext_size_lenient(ct_size, self.bs)
+        if length > 0 and offset + length >= size and ct_size > ciphertext_size(size, self.bs):
+            # The tail is too short to be a block: truncated by someone else.
+            # The kernel never reads past the size stat() gave it, so every
+            # read that reaches the end of the file must say so.
+            raise BlockAuthError(size // self.bs, "file ends inside a block header")
         if offset >= size or length <= 0:
-            if offset >= size and ct_size > ciphertext_size(size, self.bs):
-                # The tail is too short to be a block: truncated by someone else.
-                raise BlockAuthError(size // self.bs, "file ends inside a block header")
             return b""
         end = min(offset + length, size)
         first = offset // self.bs

@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
+
+    from .keycli import add_parser as add_key_parser
+
+    add_key_parser(sub)
     return parser
 
 

@@ -85,7 +85,7 @@ def block_size_from_log2(log2: int) -> int:
 
 def block_size_log2(block_size: int) -> int:
     log2 = block_size.bit_length() - 1
-    if block_size != 1 << log2 or not MIN_BLOCK_SIZE_LOG2 <= log2 <= MAX_BLOCK_SIZE_LOG2:
+    if block_size <= 0 or block_size != 1 << log2 or not MIN_BLOCK_SIZE_LOG2 <= log2 <= MAX_BLOCK_SIZE_LOG2:
         raise FormatError(
             f"block size {block_size} must be a power of two from "
             f"{1 << MIN_BLOCK_SIZE_LOG2} to {1 << MAX_BLOCK_SIZE_LOG2}"
@@ -125,6 +125,10 @@ def parse_context(text: str | bytes) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise FormatError("encryption context must be a JSON object of string keys and string values")
+    try:
+        canonical_context(value)
+    except UnicodeEncodeError as exc:  # e.g. a lone surrogate written as "\ud800"
+        raise FormatError("encryption context is not valid Unicode (lone surrogate escape)") from exc
     return value
 
 
@@ -135,9 +139,20 @@ def context_from_canonical(raw: bytes) -> dict[str, str]:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError("header context is not valid JSON") from exc
-    if not isinstance(value, dict) or canonical_context(value) != raw:
+    if (
+        not isinstance(value, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        or _canonical_or_none(value) != raw
+    ):
         raise FormatError("header context is not in canonical form")
     return value
+
+
+def _canonical_or_none(context: dict[str, str]) -> bytes | None:
+    try:
+        return canonical_context(context)
+    except UnicodeEncodeError:  # a lone surrogate escape: has no UTF-8 form
+        return None
 
 
 # --------------------------------------------------------------------------- header

@@ -33,11 +33,14 @@ import trio
 from pyfuse3 import FUSEError
 
 from .cipherfile import CipherFile
+from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
 from .format import Header, canonical_context, parse_context, plaintext_size_lenient, FormatError
 from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
 from .keystore import HsmError
+from .kms import Caller, KeyService, KmsError, RewrapProgress
+from .rewrap import rewrap_key
 from .store import PROBE_XATTR, RESERVED_ROOT_NAMES, StoreError
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ def _fuse_op(fn: F) -> F:
             # Ordinary results such as ENOENT from lookup are not worth a log line.
             log.debug("%s: %s", fn.__name__, exc)
             raise FUSEError(exc.errno or errno.EIO) from None
-        except (HsmError, KeyUnusable, HeaderError, StoreError, IntegrityError, KeyNotFound) as exc:
+        except (HsmError, KeyUnusable, HeaderError, StoreError, IntegrityError, KeyNotFound, KmsError) as exc:
             code = _errno_of(exc) or errno.EIO
             log.error("%s failed: %s", fn.__name__, exc)
             raise FUSEError(code) from None
@@ -108,6 +111,10 @@ class OpenFile:
     header: Header | None  # None: an empty file that has no header yet
     cipher_file: CipherFile | None
     handles: int = 0
+
+    @property
+    def key_id(self) -> str | None:
+        return None if self.header is None else str(uuid.UUID(bytes=self.header.key_id))
 
 
 @dataclass(eq=False)
@@ -133,22 +140,32 @@ class DirHandle:
     names: list[bytes] | None = None
 
 
+@dataclass(eq=False)
+class ControlDirHandle:
+    ino: int
+
+
 class KmsfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, backing: Path, envelope: Envelope, registry: KeyRegistry, block_size: int) -> None:
+    def __init__(self, backing: Path, envelope: Envelope, registry: KeyRegistry, block_size: int,
+                 kms: KeyService, status: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
         self.backing = backing
         self.envelope = envelope
         self.registry = registry
         self.block_size = block_size
+        self.kms = kms
+        self.control = ControlDir(kms, status, self._start_rewrap, self._invalidate_key)
+        #: Set by the main loop: where background jobs (rewrap) run.
+        self.nursery: trio.Nursery | None = None
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(root_fd)
         self._root_dev_ino = (st.st_dev, st.st_ino)
         root = Inode(pyfuse3.ROOT_INODE, root_fd, st.st_mode, nlookup=1)
         self.inodes: dict[int, Inode] = {pyfuse3.ROOT_INODE: root}
-        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._handles: dict[int, FileHandle | DirHandle | ControlHandle | ControlDirHandle] = {}
         self._next_fh = 1
         self._foreign_ino = 1 << 62
         self._foreign: dict[tuple[int, int], int] = {}
@@ -222,7 +239,7 @@ class KmsfsOperations(pyfuse3.Operations):
         return entry
 
     def _check_name(self, parent: int, name: bytes) -> None:
-        if parent == pyfuse3.ROOT_INODE and name in RESERVED_ROOT_NAMES:
+        if parent >= CONTROL_BASE or (parent == pyfuse3.ROOT_INODE and name in RESERVED_ROOT_NAMES):
             raise FUSEError(errno.EPERM)
 
     def _path_for_log(self, inode: Inode) -> str:
@@ -243,12 +260,73 @@ class KmsfsOperations(pyfuse3.Operations):
         gid = -1 if parent_st.st_mode & stat.S_ISGID else ctx.gid
         os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
 
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        if ctx.uid in (0, self.kms.admin_uid):
+            return Caller(ctx.uid, ctx.gid)
+        try:
+            groups = frozenset(pyfuse3.get_sup_groups(ctx.pid))
+        except (OSError, ValueError):
+            groups = frozenset()
+        return Caller(ctx.uid, ctx.gid, groups)
+
+    def _new_fh(self, handle: FileHandle | DirHandle | ControlHandle | ControlDirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _require_usable(self, node: Inode, open_file: OpenFile) -> None:
+        """EACCES once the file's CMK is no longer Enabled, even for open files."""
+        key_id = open_file.key_id
+        if key_id is None:
+            return
+        record = self.registry.snapshot().keys.get(key_id)
+        if record is None:
+            raise KeyUnusable(f"{self._path_for_log(node)}: CMK {key_id} no longer exists")
+        if record.KeyState != "Enabled":
+            raise KeyUnusable(f"{self._path_for_log(node)}: CMK {record.Alias} is {record.KeyState}")
+
+    def _require_grant(self, ctx: pyfuse3.RequestContext, record: KeyRecord, operation: str) -> None:
+        if ctx.uid in (0, self.kms.admin_uid):
+            return
+        self.kms.require(self._caller(ctx), record, "use", operation)
+
+    async def _invalidate_key(self, key_id: str) -> None:
+        """Drop the kernel's cached plaintext of every open file under ``key_id``."""
+        for inode in list(self.inodes.values()):
+            if inode.open_file is not None and inode.open_file.key_id == key_id:
+                # From a worker thread: the kernel may wait for page locks that
+                # only this loop can release by answering pending reads.
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode.ino, False)
+
+    async def _start_rewrap(self, record: KeyRecord) -> None:
+        progress = self.kms.rewraps.get(record.KeyId)
+        if progress is not None and progress.state == "running":
+            raise FUSEError(errno.EBUSY)
+        progress = self.kms.rewraps[record.KeyId] = RewrapProgress(state="running")
+        fresh = self.registry.snapshot().resolve(record.KeyId)
+        assert self.nursery is not None
+        self.nursery.start_soon(
+            functools.partial(trio.to_thread.run_sync, rewrap_key, self.backing, self.envelope, fresh, progress,
+                              abandon_on_cancel=True))
+
     # ================================================================ lookups and attributes
 
     @_fuse_op
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if parent_inode >= CONTROL_BASE:
+            node = self.control.node(parent_inode)
+            if name == b".":
+                return self.control.attrs(node)
+            if name == b"..":
+                if not node.path:
+                    return self._attrs(self.inodes[pyfuse3.ROOT_INODE], os.fstat(self.inodes[pyfuse3.ROOT_INODE].fd))
+                return self.control.attrs(self.control.parent(node))
+            return self.control.attrs(self.control.lookup(node, _control_name(name)))
         parent = self._inode(parent_inode)
         if parent_inode == pyfuse3.ROOT_INODE:
+            if name == CONTROL_NAME:
+                return self.control.attrs(self.control.root)
             if name in RESERVED_ROOT_NAMES:
                 raise FUSEError(errno.ENOENT)
             if name == b"..":
@@ -258,12 +336,16 @@ class KmsfsOperations(pyfuse3.Operations):
     @_fuse_op
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
+            if ino >= CONTROL_BASE:
+                continue  # virtual nodes live as long as the mount
             inode = self.inodes.get(ino)
             if inode is not None:
                 self._forget_one(inode, count)
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode >= CONTROL_BASE:
+            return self.control.attrs(self.control.node(inode))
         node = self._inode(inode)
         return self._attrs(node, os.fstat(node.fd))
 
@@ -272,6 +354,11 @@ class KmsfsOperations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if inode >= CONTROL_BASE:
+            # O_TRUNC on a control file arrives as a truncate to 0: nothing to do.
+            if fields.update_mode or fields.update_uid or fields.update_gid:
+                raise FUSEError(errno.EPERM)
+            return self.control.attrs(self.control.node(inode))
         node = self._inode(inode)
         path = _proc(node.fd)
         if fields.update_size:
@@ -325,6 +412,9 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if parent_inode >= CONTROL_BASE:
+            node = await self.control.mkdir(self.control.node(parent_inode), _control_name(name), self._caller(ctx))
+            return self.control.attrs(node)
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
         os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
@@ -354,6 +444,8 @@ class KmsfsOperations(pyfuse3.Operations):
     @_fuse_op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_name(new_parent_inode, new_name)
+        if inode >= CONTROL_BASE:
+            raise FUSEError(errno.EPERM)
         node = self._inode(inode)
         parent = self._inode(new_parent_inode)
         # linkat through /proc with AT_SYMLINK_FOLLOW links the inode itself,
@@ -376,6 +468,14 @@ class KmsfsOperations(pyfuse3.Operations):
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
         flags: int, ctx: pyfuse3.RequestContext,
     ) -> None:
+        if parent_inode_old >= CONTROL_BASE or parent_inode_new >= CONTROL_BASE:
+            if parent_inode_old < CONTROL_BASE or parent_inode_new < CONTROL_BASE:
+                raise FUSEError(errno.EXDEV)
+            if flags & ~pyfuse3.RENAME_NOREPLACE:
+                raise FUSEError(errno.EINVAL)  # aliases are unique: NOREPLACE is always true
+            await self.control.rename(self.control.node(parent_inode_old), _control_name(name_old),
+                                      self.control.node(parent_inode_new), _control_name(name_new), self._caller(ctx))
+            return
         self._check_name(parent_inode_old, name_old)
         self._check_name(parent_inode_new, name_new)
         old_fd = self._inode(parent_inode_old).fd
@@ -408,7 +508,9 @@ class KmsfsOperations(pyfuse3.Operations):
                     key_ref = _get_xattr_or_none(path, KEY_XATTR)
                 if context is None:
                     raw = _get_xattr_or_none(path, CONTEXT_XATTR)
-                    context = None if raw is None else raw.encode()
+                    # Canonical form, as headers require: "{}" (an explicitly empty
+                    # context, which stops inheritance) becomes b"".
+                    context = None if raw is None else canonical_context(parse_context(raw))
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) == self._root_dev_ino:
                     break
@@ -425,6 +527,7 @@ class KmsfsOperations(pyfuse3.Operations):
                            flags: int = os.O_RDWR, exclusive: bool = True) -> int:
         """Create a regular file with a fresh header; returns an O_RDWR fd on it."""
         key, context = await self._effective_key_and_context(parent)
+        self._require_grant(ctx, key, "CreateFile")
         header, _ = await trio.to_thread.run_sync(self.envelope.seal_new, key, context)
         open_flags = os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
         fd = os.open(name, open_flags, stat.S_IMODE(mode), dir_fd=parent.fd)
@@ -454,13 +557,17 @@ class KmsfsOperations(pyfuse3.Operations):
             return info, entry
         os.close(fd)
         inode, st = self._remember(parent.fd, name)
-        fh = await self._open_handle(inode, flags)
+        fh = await self._open_handle(inode, flags, ctx)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(inode, st)
 
     @_fuse_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode >= CONTROL_BASE:
+            handle = await self.control.open(self.control.node(inode), flags, self._caller(ctx))
+            # direct_io: control files are answered fresh on every read, never cached.
+            return pyfuse3.FileInfo(fh=self._new_fh(handle), direct_io=True, keep_cache=False)
         node = self._inode(inode)
-        fh = await self._open_handle(node, flags)
+        fh = await self._open_handle(node, flags, ctx)
         if flags & os.O_TRUNC:
             try:
                 await self._truncate(node, 0)
@@ -471,12 +578,17 @@ class KmsfsOperations(pyfuse3.Operations):
         # damage or changes in the backing store are seen by the next open.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
-    async def _open_handle(self, node: Inode, flags: int) -> int:
-        await self._acquire(node, flags)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = FileHandle(node, flags)
-        return fh
+    async def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
+        open_file = await self._acquire(node, flags)
+        try:
+            self._require_usable(node, open_file)
+            if open_file.header is not None and ctx.uid not in (0, self.kms.admin_uid):
+                self._require_grant(ctx, self.envelope.key_of(open_file.header), "OpenFile")
+        except BaseException:
+            async with node.lock:
+                self._release_open(node)
+            raise
+        return self._new_fh(FileHandle(node, flags))
 
     async def _acquire(self, node: Inode, flags: int) -> OpenFile:
         """Open the backing file and unwrap its DEK, once for all handles of the inode."""
@@ -527,7 +639,7 @@ class KmsfsOperations(pyfuse3.Operations):
             )
         try:
             cipher = await trio.to_thread.run_sync(self.envelope.open, header)
-        except HsmError as exc:
+        except (HsmError, KeyNotFound, KeyUnusable) as exc:
             raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
         return OpenFile(fd, header, CipherFile(fd, cipher))
 
@@ -559,17 +671,24 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        control = self._handles.get(fh)
+        if isinstance(control, ControlHandle):
+            return await self.control.read(control, off, size)
         handle = self._file_handle(fh)
         node = handle.inode
         open_file = node.open_file
         assert open_file is not None
         async with node.lock:
+            self._require_usable(node, open_file)
             if open_file.cipher_file is None:
                 return b""
             return await self._in_thread(node, open_file.cipher_file.read, off, size)
 
     @_fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        control = self._handles.get(fh)
+        if isinstance(control, ControlHandle):
+            return await self.control.write(control, off, buf, control.caller)
         handle = self._file_handle(fh)
         if handle.flags & os.O_ACCMODE == os.O_RDONLY:
             raise FUSEError(errno.EBADF)
@@ -577,6 +696,7 @@ class KmsfsOperations(pyfuse3.Operations):
         open_file = node.open_file
         assert open_file is not None
         async with node.lock:
+            self._require_usable(node, open_file)
             if open_file.cipher_file is None:
                 await self._give_header(node, open_file)
             cipher_file = open_file.cipher_file
@@ -588,10 +708,13 @@ class KmsfsOperations(pyfuse3.Operations):
     @_fuse_op
     async def flush(self, fh: int) -> None:
         # Writes go straight to the backing file; there is nothing buffered here.
-        self._file_handle(fh)
+        if fh not in self._handles:
+            raise FUSEError(errno.EBADF)
 
     @_fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if isinstance(self._handles.get(fh), ControlHandle):
+            return
         node = self._file_handle(fh).inode
         open_file = node.open_file
         assert open_file is not None
@@ -612,6 +735,9 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode >= CONTROL_BASE:
+            self.control.node(inode)
+            return self._new_fh(ControlDirHandle(inode))
         node = self._inode(inode)
         fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fh = self._next_fh
@@ -627,6 +753,15 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        control = self._handles.get(fh)
+        if isinstance(control, ControlDirHandle):
+            node = self.control.node(control.ino)
+            listing = [(".", node), ("..", node), *self.control.children(node)]
+            for index in range(start_id, len(listing)):
+                name, child = listing[index]
+                if not pyfuse3.readdir_reply(token, name.encode(), self.control.attrs(child), index + 1):
+                    return
+            return
         handle = self._dir_handle(fh)
         node = handle.inode
         if start_id == 0 or handle.names is None:
@@ -634,9 +769,15 @@ class KmsfsOperations(pyfuse3.Operations):
             if node.ino == pyfuse3.ROOT_INODE:
                 names = [n for n in names if n not in RESERVED_ROOT_NAMES]
             handle.names = [b".", b".."] + names
+            if node.ino == pyfuse3.ROOT_INODE:
+                handle.names.append(CONTROL_NAME)
         names = handle.names
         for index in range(start_id, len(names)):
             name = names[index]
+            if name == CONTROL_NAME and node.ino == pyfuse3.ROOT_INODE:
+                if not pyfuse3.readdir_reply(token, name, self.control.attrs(self.control.root), index + 1):
+                    return
+                continue
             if name in (b".", b".."):
                 # The kernel takes no reference for dot entries.
                 attrs = self._attrs(node, os.fstat(node.fd))
@@ -659,14 +800,15 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if isinstance(self._handles.get(fh), ControlDirHandle):
+            return
         fd = self._dir_handle(fh).fd
         await trio.to_thread.run_sync(os.fsync, fd)
 
     # ================================================================ extended attributes
 
     def _header_of(self, node: Inode) -> Header | None:
-        if node.open_file is not None and node.open_file.header is not None:
-            return node.open_file.header
+        # Always from the backing file: a rewrap may have replaced it meanwhile.
         raw = _get_raw_xattr_or_none(_proc(node.fd), HEADER_XATTR)
         if raw is None:
             return None
@@ -677,6 +819,8 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode >= CONTROL_BASE:
+            raise FUSEError(pyfuse3.ENOATTR)
         node = self._inode(inode)
         text = os.fsdecode(name)
         if text == HEADER_XATTR or text == PROBE_XATTR:
@@ -699,6 +843,8 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode >= CONTROL_BASE:
+            return []
         node = self._inode(inode)
         if stat.S_ISLNK(node.mode):
             return []
@@ -713,6 +859,8 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode >= CONTROL_BASE:
+            raise FUSEError(errno.EPERM)
         node = self._inode(inode)
         text = os.fsdecode(name)
         if not text.startswith(_RESERVED_XATTR_PREFIX):
@@ -735,12 +883,12 @@ class KmsfsOperations(pyfuse3.Operations):
             os.setxattr(_proc(node.fd), CONTEXT_XATTR, canonical_context(context) or b"{}")
             return
         if stat.S_ISREG(node.mode) and text == KEY_XATTR:
-            await self._rewrap_to(node, value)
+            await self._rewrap_to(node, value, ctx)
             return
         log.warning("setxattr %s on %s refused: reserved for kmsfs", text, self._path_for_log(node))
         raise FUSEError(errno.EPERM)
 
-    async def _rewrap_to(self, node: Inode, value: bytes) -> None:
+    async def _rewrap_to(self, node: Inode, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         """Move a file to another CMK: rewrap its DEK, the content stays as it is."""
         try:
             key = self.registry.snapshot().resolve(value.decode("utf-8", "strict"))
@@ -751,6 +899,8 @@ class KmsfsOperations(pyfuse3.Operations):
             header = self._header_of(node)
             if header is None:
                 raise FUSEError(pyfuse3.ENOATTR)
+            self._require_grant(ctx, self.envelope.key_of(header), "MoveFile")
+            self._require_grant(ctx, key, "MoveFile")
             new_header = await trio.to_thread.run_sync(self.envelope.rewrap, header, key)
             # One setxattr replaces the header atomically on the backing filesystem.
             os.setxattr(_proc(node.fd), HEADER_XATTR, new_header.to_bytes())
@@ -760,6 +910,8 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode >= CONTROL_BASE:
+            raise FUSEError(errno.EPERM)
         node = self._inode(inode)
         text = os.fsdecode(name)
         if text.startswith(_RESERVED_XATTR_PREFIX) and not (
@@ -781,3 +933,10 @@ def _get_raw_xattr_or_none(path: str, name: str) -> bytes | None:
 def _get_xattr_or_none(path: str, name: str) -> str | None:
     raw = _get_raw_xattr_or_none(path, name)
     return None if raw is None else raw.decode("utf-8", "replace")
+
+
+def _control_name(name: bytes) -> str:
+    try:
+        return name.decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        raise FUSEError(errno.ENOENT) from None

@@ -102,11 +102,14 @@ class KeyRecord:
 class Registry:
     keys: dict[str, KeyRecord] = field(default_factory=dict)  # by KeyId
     default_key: str = ""
+    #: KeyIds whose material was destroyed after scheduled deletion.
+    destroyed: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "default_key": self.default_key,
             "keys": [asdict(k) for k in sorted(self.keys.values(), key=lambda k: k.CreateTime)],
+            "destroyed": list(self.destroyed),
         }
 
     @classmethod
@@ -115,7 +118,8 @@ class Registry:
         for item in data.get("keys", []):
             record = KeyRecord.from_json(item)
             keys[record.KeyId] = record
-        return cls(keys=keys, default_key=str(data.get("default_key", "")))
+        destroyed = [str(k) for k in data.get("destroyed", [])]
+        return cls(keys=keys, default_key=str(data.get("default_key", "")), destroyed=destroyed)
 
     def resolve(self, ref: str) -> KeyRecord:
         """A key by KeyId or alias."""
@@ -137,6 +141,8 @@ class Registry:
     def by_uuid(self, key_id: uuid.UUID) -> KeyRecord:
         record = self.keys.get(str(key_id))
         if record is None:
+            if str(key_id) in self.destroyed:
+                raise KeyNotFound(f"CMK {key_id} was deleted and its material destroyed; the data is unrecoverable")
             raise KeyNotFound(f"CMK {key_id} is not known to this store")
         return record
 

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11exc
 from pkcs11.mechanisms import GCMParams
 
@@ -94,6 +94,10 @@ def _load_module(path: str) -> Any:
 def object_id(key_id: uuid.UUID, version: int) -> bytes:
     """CKA_ID of one CMK version: the 16 key id bytes and the version, big-endian."""
     return key_id.bytes + _VERSION.pack(version)
+
+
+def _import_object_id(key_id: uuid.UUID) -> bytes:
+    return key_id.bytes + b"IMPT"
 
 
 def object_label(key_id: uuid.UUID, version: int) -> str:
@@ -189,6 +193,8 @@ class KeyStore:
                 key[Attribute.DECRYPT] = usable
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM refused to change key {key_id} v{version}: {_describe(exc)}") from exc
+            # The cached object's methods reflect the old attributes; look it up afresh next time.
+            self._handles.pop(object_id(key_id, version), None)
 
     def destroy_key(self, key_id: uuid.UUID, version: int) -> None:
         with self._lock:
@@ -200,13 +206,82 @@ class KeyStore:
             self._handles.pop(object_id(key_id, version), None)
         log.warning("destroyed CMK %s version %d in the HSM", key_id, version)
 
+    # ------------------------------------------------------------------ bring your own key
+
+    def import_public_key(self, key_id: uuid.UUID) -> tuple[int, int]:
+        """The RSA wrapping key for importing material into ``key_id``, made on first use.
+
+        Returns (modulus, public exponent).  The private half never leaves the HSM.
+        """
+        oid = _import_object_id(key_id)
+        with self._lock:
+            try:
+                public = self._session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=oid)
+            except p11exc.NoSuchKey:
+                try:
+                    public, _private = self._session.generate_keypair(
+                        KeyType.RSA, 3072, id=oid, label=f"kmsfs:{key_id}:import", store=True,
+                        mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                        public_template={Attribute.ENCRYPT: True, Attribute.WRAP: True, Attribute.VERIFY: False},
+                        private_template={
+                            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
+                            Attribute.DECRYPT: False, Attribute.UNWRAP: True, Attribute.SIGN: False,
+                        },
+                    )
+                except p11exc.PKCS11Error as exc:
+                    raise HsmError(f"the HSM could not make an import key pair: {_describe(exc)}") from exc
+            except p11exc.PKCS11Error as exc:
+                raise HsmError(f"HSM lookup of the import key failed: {_describe(exc)}") from exc
+            return (
+                int.from_bytes(public[Attribute.MODULUS], "big"),
+                int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
+            )
+
+    def import_key(self, key_id: uuid.UUID, version: int, wrapped_material: bytes) -> None:
+        """Unwrap RSAES-OAEP wrapped AES-256 material into a non-extractable key.
+
+        SHA-256 OAEP is tried first; SHA-1 OAEP second, because SoftHSM2 2.6
+        unwraps only with SHA-1.  OAEP decoding under the wrong hash fails its
+        integrity check, so trying both can never accept wrong material.
+        """
+        oid = _import_object_id(key_id)
+        template = {
+            Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.ENCRYPT: True, Attribute.DECRYPT: True, Attribute.WRAP: False,
+            Attribute.UNWRAP: False, Attribute.MODIFIABLE: True,
+        }
+        with self._lock:
+            try:
+                private = self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=oid)
+            except p11exc.NoSuchKey as exc:
+                raise HsmKeyMissing("no import wrapping key: read wrapping-key.pem first") from exc
+            errors = []
+            for digest, mgf in ((Mechanism.SHA256, MGF.SHA256), (Mechanism.SHA_1, MGF.SHA1)):
+                try:
+                    key = private.unwrap_key(
+                        ObjectClass.SECRET_KEY, KeyType.AES, wrapped_material,
+                        id=object_id(key_id, version), label=object_label(key_id, version),
+                        mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(digest, mgf, None),
+                        store=True, template=template,
+                    )
+                except p11exc.PKCS11Error as exc:
+                    errors.append(f"OAEP {digest.name}: {_describe(exc)}")
+                    continue
+                self._handles[object_id(key_id, version)] = key
+                log.info("imported key material for CMK %s version %d (OAEP %s)", key_id, version, digest.name)
+                return
+        raise HsmUnwrapFailed(
+            "the HSM could not import the key material (a 32-byte AES key wrapped with "
+            f"RSAES-OAEP under wrapping-key.pem): {'; '.join(errors)}"
+        )
+
     # ------------------------------------------------------------------ use
 
     def wrap(self, key_id: uuid.UUID, version: int, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """AES-GCM encrypt small data inside the HSM.  Returns (nonce, ciphertext||tag)."""
         nonce = os.urandom(NONCE_SIZE)
         with self._lock:
-            key = self._key(key_id, version)
+            key = self._capable(key_id, version, "encrypt")
             try:
                 sealed = key.encrypt(
                     plaintext, mechanism=Mechanism.AES_GCM,
@@ -221,7 +296,7 @@ class KeyStore:
         if len(nonce) != NONCE_SIZE or len(sealed) < TAG_SIZE:
             raise HsmUnwrapFailed("wrapped data has a wrong length")
         with self._lock:
-            key = self._key(key_id, version)
+            key = self._capable(key_id, version, "decrypt")
             try:
                 plain = key.decrypt(
                     sealed, mechanism=Mechanism.AES_GCM,
@@ -244,9 +319,9 @@ class KeyStore:
 
     # ------------------------------------------------------------------ internals
 
-    def _key(self, key_id: uuid.UUID, version: int) -> Any:
+    def _key(self, key_id: uuid.UUID, version: int, fresh: bool = False) -> Any:
         oid = object_id(key_id, version)
-        key = self._handles.get(oid)
+        key = None if fresh else self._handles.get(oid)
         if key is None:
             try:
                 key = self._session.get_key(object_class=ObjectClass.SECRET_KEY, id=oid)
@@ -255,6 +330,20 @@ class KeyStore:
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"HSM lookup of CMK {key_id} v{version} failed: {_describe(exc)}") from exc
             self._handles[oid] = key
+        return key
+
+    def _capable(self, key_id: uuid.UUID, version: int, function: str) -> Any:
+        """The key's handle, able to ``function``.
+
+        python-pkcs11 gives a key object encrypt/decrypt methods only if its
+        CKA_ENCRYPT/CKA_DECRYPT were true when it was looked up, so a handle
+        cached before an enable (here or by another process) is looked up again.
+        """
+        key = self._key(key_id, version)
+        if not hasattr(key, function):
+            key = self._key(key_id, version, fresh=True)
+            if not hasattr(key, function):
+                raise HsmKeyRefused(f"the HSM refuses to {function} with CMK {key_id} v{version} (key disabled)")
         return key
 
     def _use_error(self, exc: Exception, key_id: uuid.UUID, version: int, op: str) -> HsmError:

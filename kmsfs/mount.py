@@ -22,6 +22,7 @@ from .envelope import Envelope
 from .fs import KmsfsOperations
 from .keyregistry import KeyRegistry
 from .keystore import HsmError, KeyStore
+from .kms import KeyService, KmsError
 from .pkcs11uri import Pkcs11Uri, UriError
 from .store import StoreError, check_user_xattrs, load_config, store_dir
 
@@ -103,7 +104,22 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 f"is this the HSM the store was created with?"
             )
         envelope = Envelope(keystore, registry, config.block_size)
-        ops = KmsfsOperations(backing, envelope, registry, config.block_size)
+        kms = KeyService(backing, keystore, registry, admin_uid=os.getuid())
+        kms.run_due()  # expired deletion windows and due rotations, before serving
+
+        def status() -> dict[str, object]:
+            return {
+                "store_id": config.store_id,
+                "format_version": config.format_version,
+                "block_size": config.block_size,
+                "backing": str(backing.resolve()),
+                "hsm": {"module": uri.module_path, "token": uri.token, "embedded": config.embedded_hsm},
+                **kms.status(),
+                "open_files": sum(1 for i in ops.inodes.values() if i.open_file is not None),
+                "known_inodes": len(ops.inodes),
+            }
+
+        ops = KmsfsOperations(backing, envelope, registry, config.block_size, kms, status)
     except BaseException:
         keystore.close()
         raise
@@ -159,7 +175,7 @@ def serve(
         os.close(ready_fd)
     unmount = True
     try:
-        trio.run(_main_loop)
+        trio.run(_main_loop, ops)
     except Exception:
         log.exception("the FUSE main loop failed")
         raise
@@ -174,11 +190,30 @@ def serve(
     return 0
 
 
-async def _main_loop() -> None:
+#: How often a mounted store checks for due rotations and expired deletion windows.
+SCHEDULE_INTERVAL = 60.0
+
+
+async def _main_loop(ops: KmsfsOperations) -> None:
     async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(_run_schedule, ops)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _run_schedule(ops: KmsfsOperations) -> None:
+    interval = float(os.environ.get("KMSFS_SCHEDULE_INTERVAL", SCHEDULE_INTERVAL))
+    while True:
+        await trio.sleep(interval)
+        try:
+            done = await trio.to_thread.run_sync(ops.kms.run_due)
+        except (KmsError, HsmError, StoreError, OSError) as exc:
+            log.error("scheduled key work failed: %s", exc)
+            continue
+        for line in done:
+            log.info("scheduled key work: %s", line)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
