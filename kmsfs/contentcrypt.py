@@ -53,22 +53,26 @@ class ContentCipher:
         if n == 0:
             return bytearray()
         bs = self.block_size
-        nblocks = -(-n // bs)
+        cbs = self.ct_block_size
+        full, rest = divmod(n, bs)
+        nblocks = full + (1 if rest else 0)
         out = bytearray(n + nblocks * BLOCK_OVERHEAD)
         dst = memoryview(out)
         nonces = os.urandom(NONCE_SIZE * nblocks)
-        aad = bytearray(self._file_id + bytes(8))
+        file_id = self._file_id
         encrypt_into = self._aead.encrypt_into
-        pack_into = _BLOCK_NUMBER.pack_into
-        o = 0
-        for i in range(nblocks):
-            p = i * bs
-            chunk = src[p:p + bs]
-            dst[o:o + NONCE_SIZE] = nonces[i * NONCE_SIZE:(i + 1) * NONCE_SIZE]
-            pack_into(aad, FILE_ID_SIZE, first_block + i)
-            end = o + NONCE_SIZE + len(chunk) + TAG_SIZE
-            encrypt_into(dst[o:o + NONCE_SIZE], chunk, bytes(aad), dst[o + NONCE_SIZE:end])
-            o = end
+        pack = _BLOCK_NUMBER.pack
+        # The loop body is the per-block cost of every write: keep it minimal.
+        for i in range(full):
+            o = i * cbs
+            nonce = nonces[i * NONCE_SIZE:(i + 1) * NONCE_SIZE]
+            dst[o:o + NONCE_SIZE] = nonce
+            encrypt_into(nonce, src[i * bs:(i + 1) * bs], file_id + pack(first_block + i), dst[o + NONCE_SIZE:o + cbs])
+        if rest:
+            o = full * cbs
+            nonce = nonces[full * NONCE_SIZE:]
+            dst[o:o + NONCE_SIZE] = nonce
+            encrypt_into(nonce, src[full * bs:], file_id + pack(first_block + full), dst[o + NONCE_SIZE:])
         return out
 
     def decrypt(self, ciphertext: bytes | bytearray | memoryview, first_block: int) -> bytearray:
@@ -81,6 +85,7 @@ class ContentCipher:
         if n == 0:
             return bytearray()
         cbs = self.ct_block_size
+        bs = self.block_size
         nblocks, rest = divmod(n, cbs)
         if rest:
             if rest <= BLOCK_OVERHEAD:
@@ -88,20 +93,19 @@ class ContentCipher:
             nblocks += 1
         out = bytearray(n - nblocks * BLOCK_OVERHEAD)
         dst = memoryview(out)
-        aad = bytearray(self._file_id + bytes(8))
+        file_id = self._file_id
         decrypt_into = self._aead.decrypt_into
-        pack_into = _BLOCK_NUMBER.pack_into
-        bs = self.block_size
+        pack = _BLOCK_NUMBER.pack
         for i in range(nblocks):
             o = i * cbs
             block = src[o:o + cbs]
-            pack_into(aad, FILE_ID_SIZE, first_block + i)
-            plain = dst[i * bs:i * bs + len(block) - BLOCK_OVERHEAD]
+            p = i * bs
             try:
-                decrypt_into(block[:NONCE_SIZE], block[NONCE_SIZE:], bytes(aad), plain)
+                decrypt_into(block[:NONCE_SIZE], block[NONCE_SIZE:], file_id + pack(first_block + i),
+                             dst[p:p + len(block) - BLOCK_OVERHEAD])
             except InvalidTag:
                 if len(block) == cbs and block == self._zero_block:
-                    plain[:] = bytes(len(plain))  # a hole left by a sparse write or truncate
+                    dst[p:p + bs] = bytes(bs)  # a hole left by a sparse write or truncate
                     continue
                 raise BlockAuthError(first_block + i, "authentication failed") from None
         return out

@@ -103,6 +103,10 @@ def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
 @dataclass(eq=False)
 class OpenFile:
     """The shared state of a regular file while at least one handle is open."""
@@ -125,6 +129,12 @@ class Inode:
     nlookup: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
     open_file: OpenFile | None = None
+    #: The backing file's (mtime, ctime, size) when the kernel last got its
+    #: content from us.  If it still matches at the next open, the kernel may
+    #: keep its cached plaintext; any change behind our back drops it.
+    cache_stamp: tuple[int, int, int] | None = None
+    #: The CMK of the file when last opened, to drop its cache on a disable.
+    key_id: str | None = None
 
 
 @dataclass(eq=False)
@@ -294,7 +304,8 @@ class KmsfsOperations(pyfuse3.Operations):
     async def _invalidate_key(self, key_id: str) -> None:
         """Drop the kernel's cached plaintext of every open file under ``key_id``."""
         for inode in list(self.inodes.values()):
-            if inode.open_file is not None and inode.open_file.key_id == key_id:
+            if inode.key_id == key_id:
+                inode.cache_stamp = None
                 # From a worker thread: the kernel may wait for page locks that
                 # only this loop can release by answering pending reads.
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode.ino, False)
@@ -378,6 +389,7 @@ class KmsfsOperations(pyfuse3.Operations):
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
             os.utime(path, ns=(atime, mtime))
+        self._note_own_change(node)
         return self._attrs(node, os.fstat(node.fd))
 
     async def _truncate(self, node: Inode, size: int) -> None:
@@ -391,6 +403,7 @@ class KmsfsOperations(pyfuse3.Operations):
                     await self._give_header(node, open_file)
                 assert open_file.cipher_file is not None
                 await self._in_thread(node, open_file.cipher_file.truncate, size)
+                self._note_own_change(node)
         finally:
             self._release_open(node)
 
@@ -558,6 +571,7 @@ class KmsfsOperations(pyfuse3.Operations):
         os.close(fd)
         inode, st = self._remember(parent.fd, name)
         fh = await self._open_handle(inode, flags, ctx)
+        inode.cache_stamp = _stamp(os.fstat(inode.fd))
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(inode, st)
 
     @_fuse_op
@@ -574,14 +588,21 @@ class KmsfsOperations(pyfuse3.Operations):
             except BaseException:
                 await self._close_handle(fh)
                 raise
-        # The kernel drops its cached pages on every open (keep_cache=False), so
-        # damage or changes in the backing store are seen by the next open.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        # Cached plaintext stays only if the backing file is exactly as it was
+        # when we last served or changed it: damage or changes made behind our
+        # back (another mount, an editor on the backing store) are seen at once.
+        keep = node.cache_stamp is not None and node.cache_stamp == _stamp(os.fstat(node.fd))
+        node.cache_stamp = _stamp(os.fstat(node.fd))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     async def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
         open_file = await self._acquire(node, flags)
         try:
-            self._require_usable(node, open_file)
+            try:
+                self._require_usable(node, open_file)
+            except KeyUnusable as exc:
+                self.kms.audit(self._caller(ctx), "OpenFile", open_file.key_id or "", "denied", str(exc))
+                raise
             if open_file.header is not None and ctx.uid not in (0, self.kms.admin_uid):
                 self._require_grant(ctx, self.envelope.key_of(open_file.header), "OpenFile")
         except BaseException:
@@ -614,6 +635,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 raise
             open_file.handles = 1
             node.open_file = open_file
+            node.key_id = open_file.key_id
             return open_file
 
     async def _load(self, node: Inode, fd: int) -> OpenFile:
@@ -650,6 +672,12 @@ class KmsfsOperations(pyfuse3.Operations):
         os.setxattr(open_file.fd, HEADER_XATTR, header.to_bytes())
         open_file.header = header
         open_file.cipher_file = CipherFile(open_file.fd, cipher)
+        node.key_id = open_file.key_id
+
+    def _note_own_change(self, node: Inode) -> None:
+        """Our own change: the kernel's cache saw it, so the cache stays valid."""
+        if node.cache_stamp is not None:
+            node.cache_stamp = _stamp(os.fstat(node.fd))
 
     def _release_open(self, node: Inode) -> None:
         open_file = node.open_file
@@ -703,7 +731,9 @@ class KmsfsOperations(pyfuse3.Operations):
             assert cipher_file is not None
             if handle.flags & os.O_APPEND:
                 off = cipher_file.size()
-            return await self._in_thread(node, cipher_file.write, off, buf)
+            written = await self._in_thread(node, cipher_file.write, off, buf)
+            self._note_own_change(node)
+            return written
 
     @_fuse_op
     async def flush(self, fh: int) -> None:
@@ -906,6 +936,8 @@ class KmsfsOperations(pyfuse3.Operations):
             os.setxattr(_proc(node.fd), HEADER_XATTR, new_header.to_bytes())
             if node.open_file is not None:
                 node.open_file.header = new_header
+            node.key_id = str(uuid.UUID(bytes=new_header.key_id))
+            self._note_own_change(node)
         log.info("rewrapped %s to CMK %s v%d", self._path_for_log(node), key.KeyId, key.CurrentVersion)
 
     @_fuse_op
