@@ -146,6 +146,64 @@ def _read_ready_message(fd: int, timeout: float) -> str:
     return data.decode(errors="replace").split("\n", 1)[0].strip()
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    import json
+
+    from .fsck import EXIT_CLEAN, EXIT_DAMAGE, EXIT_UNABLE, STRIPPED_XATTRS_MESSAGE, FsckError, check_store
+    from .mount import mounted_store_mountpoint
+
+    _setup_logging(logging.ERROR)
+    backing = Path(args.backing)
+    where = mounted_store_mountpoint(backing)
+    if where is not None:
+        print(f"kmsfs fsck: {backing} is mounted on {where}; unmount it first", file=sys.stderr)
+        return EXIT_UNABLE
+    tty = sys.stderr.isatty() and not args.json
+
+    def progress(count: int, path: str) -> None:
+        if tty and count % 50 == 0:
+            sys.stderr.write(f"\rchecked {count} files ... {path[-40:]:40}")
+            sys.stderr.flush()
+
+    try:
+        report = check_store(backing, progress)
+    except FsckError as exc:
+        print(f"kmsfs fsck: cannot check {backing}: {exc}", file=sys.stderr)
+        return EXIT_UNABLE
+    if tty:
+        sys.stderr.write("\r" + " " * 70 + "\r")
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for damage in report.damaged:
+            blocks = f" (blocks {', '.join(map(str, damage.blocks))})" if damage.blocks else ""
+            print(f"{damage.path}: {damage.cause}{blocks}: {damage.detail}")
+        if report.stripped_xattrs:
+            print(f"kmsfs fsck: {STRIPPED_XATTRS_MESSAGE}")
+        state = "clean" if not report.damaged else f"{len(report.damaged)} damaged"
+        print(f"kmsfs fsck: {report.files} files, {report.bytes} bytes checked: {state}")
+    return EXIT_CLEAN if not report.damaged else EXIT_DAMAGE
+
+
+def cmd_headers(args: argparse.Namespace) -> int:
+    from .headers import HeadersError, export_headers, import_headers
+
+    _setup_logging(logging.WARNING)
+    try:
+        if args.headers_command == "export":
+            count = export_headers(Path(args.backing), Path(args.file))
+            print(f"exported {count} headers to {args.file} (they hold no secret: every data key is wrapped by the HSM)")
+            return 0
+        result = import_headers(Path(args.backing), Path(args.file), force=args.force)
+    except HeadersError as exc:
+        print(f"kmsfs headers: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored {result.restored}, already in place {result.already}, files missing "
+          f"{result.missing_files}, not matching their file {result.mismatched}, "
+          f"left alone (different header; --force to replace) {result.skipped_different}")
+    return 0 if result.mismatched == 0 else 1
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from .mount import MountError, unmount
 
@@ -211,6 +269,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser(
+        "fsck", help="check every header and block of an unmounted store",
+        description="Check every file's header with the HSM and every block of an unmounted store, "
+                    "and list each damaged file with its cause and block numbers. Changes nothing. "
+                    "Exit status: 0 clean, 4 damage found, 8 unable to check.",
+    )
+    p.add_argument("backing", metavar="BACKING")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser(
+        "headers", help="export or import the wrapped file headers (backup of the xattrs)",
+        description="The per-file headers (xattr user.kmsfs) hold each file's wrapped data key. "
+                    "A copy of the store made without xattrs loses them; an export restores them. "
+                    "The export holds no secret.",
+    )
+    hs = p.add_subparsers(dest="headers_command", metavar="COMMAND", required=True)
+    q = hs.add_parser("export", help="write every header to FILE")
+    q.add_argument("backing", metavar="BACKING")
+    q.add_argument("file", metavar="FILE")
+    q = hs.add_parser("import", help="put headers from FILE back on files that lost them")
+    q.add_argument("backing", metavar="BACKING")
+    q.add_argument("file", metavar="FILE")
+    q.add_argument("--force", action="store_true", help="also replace headers that differ")
+    p.set_defaults(func=cmd_headers)
 
     from .keycli import add_parser as add_key_parser
 

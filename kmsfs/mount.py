@@ -58,6 +58,50 @@ def is_mountpoint(path: Path) -> bool:
     return False
 
 
+def mounted_store_mountpoint(backing: Path) -> str | None:
+    """Where the store is mounted (by this or another daemon), if anywhere."""
+    fsname = f"kmsfs:{backing.resolve()}"
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 1 and fields[0] == fsname:
+                    return fields[1]
+    except OSError:
+        pass
+    return None
+
+
+#: How many non-empty files the mount looks at to recognise a store copied without xattrs.
+XATTR_SAMPLE = 32
+
+
+def check_headers_present(backing: Path) -> None:
+    """Refuse a store whose files all lost their headers (copied without xattrs)."""
+    from .fsck import HEADER_XATTR, STRIPPED_XATTRS_MESSAGE
+    from .treewalk import iter_regular_files
+
+    seen = with_header = 0
+    for dir_fd, name, _shown in iter_regular_files(backing):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if st.st_size == 0:
+            continue
+        seen += 1
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                os.getxattr(f"/proc/self/fd/{fd}", HEADER_XATTR)
+                with_header += 1
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        if with_header or seen >= XATTR_SAMPLE:
+            break
+    if seen and not with_header:
+        raise MountError(STRIPPED_XATTRS_MESSAGE)
+
+
 def check_mountpoint(backing: Path, mountpoint: Path) -> None:
     if not mountpoint.exists():
         raise MountError(f"mountpoint {mountpoint} does not exist; create it with mkdir")
@@ -90,6 +134,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
     config = load_config(backing)
     check_mountpoint(backing, mountpoint)
     check_user_xattrs(store_dir(backing))
+    check_headers_present(backing)
     try:
         uri = Pkcs11Uri.parse(uri_override) if uri_override else config.uri()
     except UriError as exc:

@@ -16,51 +16,17 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from .envelope import Envelope, HeaderError
 from .keyregistry import KeyRecord
 from .keystore import HsmError
 from .kms import RewrapProgress
-from .store import STORE_DIR_NAME
+from .treewalk import iter_regular_files
 
 log = logging.getLogger(__name__)
 
 HEADER_XATTR = "user.kmsfs"
-
-
-def iter_regular_files(backing: Path) -> Iterator[tuple[int, str, str]]:
-    """(directory fd, name, display path) of every regular file below ``backing``."""
-    root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack: list[tuple[int, str]] = [(root_fd, "")]
-    try:
-        while stack:
-            dir_fd, prefix = stack.pop()
-            try:
-                with os.scandir(dir_fd) as entries:
-                    items = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
-                             for e in entries]
-                for name, is_dir, is_file in items:
-                    if not prefix and name == STORE_DIR_NAME:
-                        continue
-                    if is_dir:
-                        try:
-                            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                            dir_fd=dir_fd)
-                        except OSError as exc:
-                            log.warning("rewrap: cannot enter %s%s: %s", prefix, name, exc)
-                            continue
-                        stack.append((child, f"{prefix}{name}/"))
-                    elif is_file:
-                        yield dir_fd, name, prefix + name
-            finally:
-                if dir_fd != root_fd:
-                    os.close(dir_fd)
-    finally:
-        os.close(root_fd)
-        for fd, _ in stack:
-            os.close(fd)
 
 
 def rewrap_key(backing: Path, envelope: Envelope, key: KeyRecord, progress: RewrapProgress) -> None:
@@ -110,4 +76,3 @@ def rewrap_key(backing: Path, envelope: Envelope, key: KeyRecord, progress: Rewr
              key.KeyId, progress.done, progress.skipped, progress.failed)
 
 
-__all__ = ["rewrap_key", "iter_regular_files"]
