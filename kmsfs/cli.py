@@ -119,7 +119,11 @@ def _mount_in_background(args: argparse.Namespace, backing: Path, mountpoint: Pa
     if text == "READY":
         print(f"kmsfs: {backing} mounted on {mountpoint} (pid {child.pid}, log {log_file})")
         return 0
-    status = child.wait(timeout=30)
+    try:
+        status = child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()  # our own child, by pid: it neither mounted nor exited
+        status = child.wait()
     if text.startswith("ERROR "):
         print(f"kmsfs mount: {text[len('ERROR '):]}", file=sys.stderr)
     else:

@@ -85,7 +85,8 @@ keys/NAME/encrypt      write {"Plaintext": base64, "EncryptionContext": "{...}"}
 keys/NAME/generate-data-key  write {"KeySpec": "AES_256", "EncryptionContext": "{...}"}
 keys/NAME/import/      bring your own key (keys created with Origin EXTERNAL):
                        read wrapping-key.pem (RSA-3072), encrypt a 32-byte AES key with
-                       RSAES-OAEP SHA-256 under it and write the result to material
+                       RSAES-OAEP under it (SHA-1: SoftHSM2 2.6 unwraps no other hash;
+                       SHA-256 where the HSM supports it) and write the result to material
 
 Examples:
   mkdir .kmsfs/keys/projects
@@ -245,6 +246,9 @@ class ControlDir:
         if node.kind == DIR:
             raise FUSEError(errno.EISDIR)
         handle = ControlHandle(node, caller)
+        if flags & os.O_ACCMODE != os.O_RDONLY and node.kind == RO:
+            # Root passes the kernel's permission check on mode 0444: refuse here.
+            raise self._refused(caller, node, KmsError(errno.EACCES, f"{node.path[-1]} is read-only"))
         if flags & os.O_ACCMODE != os.O_WRONLY and node.kind in (RO, RW):
             try:
                 handle.content = await trio.to_thread.run_sync(self._render, node, caller)
@@ -331,7 +335,13 @@ class ControlDir:
         if follow_up == "invalidate":
             await self._invalidate_key(node.path[1])
         elif follow_up == "rewrap":
-            await self._start_rewrap(self._key(node))
+            key_id = node.path[1]
+            try:
+                await self._start_rewrap(self._key(node))
+            except FUSEError:
+                self.kms.audit(caller, "Rewrap", key_id, "refused", "a rewrap of this key is running already")
+                raise
+            self.kms.audit(caller, "Rewrap", key_id, "ok")
 
     def _apply(self, node: Node, data: bytes, caller: Caller) -> str | None:
         """Apply one command; returns what the frontend must do next, if anything."""

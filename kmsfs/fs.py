@@ -439,7 +439,7 @@ class KmsfsOperations(pyfuse3.Operations):
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
         if stat.S_ISREG(mode):
-            fd = await self._create_file(parent, name, mode, ctx)
+            fd, _, _ = await self._create_file(parent, name, mode, ctx)
             os.close(fd)
         else:
             os.mknod(name, mode, rdev, dir_fd=parent.fd)
@@ -536,13 +536,17 @@ class KmsfsOperations(pyfuse3.Operations):
         key = registry.resolve(key_ref) if key_ref else registry.default()
         return key, context or b""
 
-    async def _create_file(self, parent: Inode, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
-                           flags: int = os.O_RDWR, exclusive: bool = True) -> int:
-        """Create a regular file with a fresh header; returns an O_RDWR fd on it."""
+    async def _create_file(self, parent: Inode, name: bytes, mode: int,
+                           ctx: pyfuse3.RequestContext) -> tuple[int, Header, ContentCipher]:
+        """Create a regular file with a fresh header.
+
+        Returns an O_RDWR fd, the header and the cipher: the new DEK is used
+        as it is, so creating a file costs exactly one HSM call (the wrap).
+        """
         key, context = await self._effective_key_and_context(parent)
         self._require_grant(ctx, key, "CreateFile")
-        header, _ = await trio.to_thread.run_sync(self.envelope.seal_new, key, context)
-        open_flags = os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
+        header, cipher = await trio.to_thread.run_sync(self.envelope.seal_new, key, context)
+        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
         fd = os.open(name, open_flags, stat.S_IMODE(mode), dir_fd=parent.fd)
         try:
             os.setxattr(fd, HEADER_XATTR, header.to_bytes())
@@ -551,7 +555,7 @@ class KmsfsOperations(pyfuse3.Operations):
             os.close(fd)
             os.unlink(name, dir_fd=parent.fd)
             raise
-        return fd
+        return fd, header, cipher
 
     @_fuse_op
     async def create(
@@ -560,7 +564,7 @@ class KmsfsOperations(pyfuse3.Operations):
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
         try:
-            fd = await self._create_file(parent, name, mode, ctx)
+            fd, header, cipher = await self._create_file(parent, name, mode, ctx)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
@@ -568,9 +572,18 @@ class KmsfsOperations(pyfuse3.Operations):
             entry = await self._new_entry(parent, name)
             info = await self.open(entry.st_ino, flags & ~os.O_CREAT, ctx)
             return info, entry
-        os.close(fd)
         inode, st = self._remember(parent.fd, name)
+        async with inode.lock:
+            if inode.open_file is None:
+                # One reference of our own, dropped after _open_handle took the handle's.
+                inode.open_file = OpenFile(fd, header, CipherFile(fd, cipher), handles=1)
+                inode.key_id = inode.open_file.key_id
+            else:  # someone opened it between our create and now (another link)
+                os.close(fd)
+                inode.open_file.handles += 1
         fh = await self._open_handle(inode, flags, ctx)
+        async with inode.lock:
+            self._release_open(inode)  # _open_handle took its own reference
         inode.cache_stamp = _stamp(os.fstat(inode.fd))
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(inode, st)
 

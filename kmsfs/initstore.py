@@ -27,6 +27,11 @@ class InitResult:
 def init_store(backing: Path, state_dir: Path, uri: Pkcs11Uri | None, block_size: int | None) -> InitResult:
     """Create the store.  Refuses (StoreError) rather than overwrite anything."""
     size = validate_block_size(block_size)
+    if uri is not None and uri.pin_value is not None:
+        raise StoreError(
+            "the PKCS#11 URI gives the PIN as pin-value; the URI is saved in the store, so give "
+            "the PIN as pin-source=file:/path/to/pin-file instead (the PIN is never written to the store)"
+        )
     if backing.exists() and not backing.is_dir():
         raise StoreError(f"{backing} exists and is not a directory")
     if is_store(backing):

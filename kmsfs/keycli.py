@@ -65,7 +65,9 @@ class MountedControl:
         try:
             fd = os.open(self.root / path, os.O_WRONLY)
             try:
-                os.write(fd, data)
+                # A write(2) of nothing never reaches the daemon: send an empty line,
+                # which the control files read as empty text (e.g. clear a description).
+                os.write(fd, data or b"\n")
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -380,7 +382,10 @@ def _dispatch(c: ControlFiles, args: argparse.Namespace) -> int:
     elif cmd == "wrapping-key":
         sys.stdout.write(c.read(_key_path(args.name, "import/wrapping-key.pem")).decode())
     elif cmd == "import":
-        c.write(_key_path(args.name, "import/material"), Path(args.material).read_bytes())
+        material = Path(args.material).read_bytes()
+        if not material:
+            raise CliError(f"{args.material} is empty: no key material to import")
+        c.write(_key_path(args.name, "import/material"), material)
         sys.stdout.write(c.read(_key_path(args.name, "info")).decode())
     else:  # pragma: no cover - argparse guards this
         raise CliError(f"unknown key command {cmd}")
@@ -498,7 +503,8 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--destination-context", metavar="JSON")
     q = ks.add_parser("import", help="import wrapped key material into an EXTERNAL key")
     q.add_argument("name", metavar="KEY")
-    q.add_argument("material", metavar="FILE", help="RSAES-OAEP-SHA256 wrapped 32-byte AES key")
+    q.add_argument("material", metavar="FILE", help="32-byte AES key wrapped with RSAES-OAEP (SHA-1 for SoftHSM2) "
+                                                        "under the wrapping key")
     q = ks.add_parser("rekey", help="give a file a fresh data key and re-encrypt its content")
     q.add_argument("path", metavar="PATH", help="a file inside a kmsfs mount")
     p.set_defaults(func=cmd_key)

@@ -91,6 +91,33 @@ def _load_module(path: str) -> Any:
         return lib
 
 
+#: Environment a store's config may set for its module: configuration, never code.
+ALLOWED_ENV = ("SOFTHSM2_CONF",)
+
+
+def check_module_path(path: str) -> None:
+    """Refuse a PKCS#11 module that anyone but root or us could have replaced.
+
+    The module path comes from the store's config.json, which lives in the
+    backing directory; a module is code loaded into the daemon, so it must be
+    an absolute path to a file that only root (or the daemon's user) can write.
+    """
+    if not os.path.isabs(path):
+        raise HsmModuleError(f"the PKCS#11 module path {path!r} must be absolute")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise HsmModuleError(f"PKCS#11 module {path} does not exist") from None
+    except OSError as exc:
+        raise HsmModuleError(f"cannot use PKCS#11 module {path}: {os.strerror(exc.errno or 0)}") from None
+    trusted = {0, os.geteuid()}
+    if st.st_uid not in trusted or st.st_mode & 0o022:
+        raise HsmModuleError(
+            f"refusing PKCS#11 module {path}: it must be owned by root (or you) and not "
+            f"writable by group or others"
+        )
+
+
 def object_id(key_id: uuid.UUID, version: int) -> bytes:
     """CKA_ID of one CMK version: the 16 key id bytes and the version, big-endian."""
     return key_id.bytes + _VERSION.pack(version)
@@ -112,7 +139,15 @@ class KeyStore:
         # Modules such as SoftHSM2 read their configuration from the environment
         # when they are first initialised, so it must be set before loading.
         for name, value in (env or {}).items():
+            if name not in ALLOWED_ENV:
+                raise HsmModuleError(f"refusing to set {name} for the PKCS#11 module (allowed: {', '.join(ALLOWED_ENV)})")
+            if name == "SOFTHSM2_CONF" and not os.path.exists(value):
+                raise HsmModuleError(
+                    f"the SoftHSM2 configuration {value} is missing: was the embedded HSM's state "
+                    f"directory moved or deleted? It holds the token with this store's keys."
+                )
             os.environ[name] = value
+        check_module_path(uri.module_path)
         lib = _load_module(uri.module_path)
         try:
             self._token = lib.get_token(token_label=uri.token)
@@ -270,9 +305,14 @@ class KeyStore:
                 self._handles[object_id(key_id, version)] = key
                 log.info("imported key material for CMK %s version %d (OAEP %s)", key_id, version, digest.name)
                 return
+        hint = ""
+        if errors and errors[0].endswith(("ArgumentsBad", "MechanismParamInvalid")):
+            # SoftHSM2 2.6 refuses any OAEP hash but SHA-1 with CKR_ARGUMENTS_BAD.
+            hint = (" (this HSM does not unwrap RSAES-OAEP with SHA-256; SoftHSM2 2.6 only supports "
+                    "SHA-1: wrap the key with RSAES-OAEP SHA-1, MGF1 SHA-1, no label)")
         raise HsmUnwrapFailed(
             "the HSM could not import the key material (a 32-byte AES key wrapped with "
-            f"RSAES-OAEP under wrapping-key.pem): {'; '.join(errors)}"
+            f"RSAES-OAEP under wrapping-key.pem): {'; '.join(errors)}{hint}"
         )
 
     # ------------------------------------------------------------------ use

@@ -262,7 +262,13 @@ class KeyService:
 
     def set_default(self, caller: Caller | None, ref: str) -> None:
         if not self._is_admin(caller):
-            raise KmsError(errno.EACCES, "only the user who mounted the store (or root) sets the default key")
+            self.audit(caller, "SetDefaultKey", ref.strip(), "denied", "only the mounting user and root set the default key")
+            raise KmsError(errno.EACCES, "only the user who mounted the store (or root) sets the default key",
+                           audited=True)
+        try:
+            self.registry.snapshot().resolve(ref)
+        except KeyNotFound as exc:
+            raise invalid(str(exc)) from None  # a bad value written, not a missing file
 
         def change(reg: Registry, record: KeyRecord) -> None:
             if record.KeyState != ENABLED:
@@ -430,7 +436,10 @@ class KeyService:
     # ================================================================ small-data crypto
 
     def _usable(self, caller: Caller | None, ref: str, operation: str) -> KeyRecord:
-        record = self.resolve(ref)
+        try:
+            record = self.resolve(ref)
+        except KmsError as exc:
+            raise invalid(str(exc)) from None  # an unknown key in a request is a bad request
         self.require(caller, record, ROLE_USE, operation)
         if record.KeyState != ENABLED:
             self.audit(caller, operation, record.KeyId, "denied", f"key is {record.KeyState}")

@@ -134,13 +134,16 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
     config = load_config(backing)
     check_mountpoint(backing, mountpoint)
     check_user_xattrs(store_dir(backing))
-    check_headers_present(backing)
     try:
         uri = Pkcs11Uri.parse(uri_override) if uri_override else config.uri()
     except UriError as exc:
         raise MountError(f"bad PKCS#11 URI: {exc}") from exc
+    module = Path(uri.module_path).resolve()
+    if backing.resolve() in module.parents:
+        raise MountError(f"refusing PKCS#11 module {uri.module_path}: it lies inside the backing store")
     keystore = KeyStore(uri, config.hsm_env)
     try:
+        check_headers_present(backing)
         registry = KeyRegistry(backing)
         default = registry.snapshot().default()
         if not keystore.has_key(default.key_uuid, default.CurrentVersion):
@@ -213,7 +216,9 @@ def serve(
         log.error("%s", message)
         report(f"ERROR {message}")
         return 1
-    pidfile.write_text(f"{os.getpid()}\n")
+    pid_fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with os.fdopen(pid_fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
     log.info("mounted %s on %s", backing, mountpoint)
     report("READY")
     if ready_fd is not None:

@@ -272,7 +272,9 @@ def test_init_refuses_a_missing_pkcs11_module_and_leaves_nothing(tmp_path: Path)
     require_fuse_and_hsm()
     env = base_env(tmp_path)
     backing = tmp_path / "b"
-    uri = "pkcs11:token=t?module-path=/nonexistent/libnothing.so&pin-value=1234"
+    pin = tmp_path / "pin"
+    pin.write_text("1234\n")
+    uri = f"pkcs11:token=t?module-path=/nonexistent/libnothing.so&pin-source=file:{pin}"
     result = run_kmsfs("init", str(backing), "--pkcs11", uri, env=env, check=False)
     assert result.returncode == 1
     assert_words(result.stderr, "PKCS#11 module /nonexistent/libnothing.so does not exist")
@@ -283,12 +285,27 @@ def test_init_refuses_a_missing_pkcs11_module_and_leaves_nothing(tmp_path: Path)
     assert (backing / ".kmsfs.d" / "config.json").exists()
 
 
+def test_init_refuses_a_pin_value_because_the_uri_is_saved(tmp_path: Path):
+    require_fuse_and_hsm()
+    backing = tmp_path / "b"
+    uri = "pkcs11:token=t?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value=secret-1234"
+    result = run_kmsfs("init", str(backing), "--pkcs11", uri, env=base_env(tmp_path), check=False)
+    assert result.returncode == 1
+    assert_words(result.stderr, "pin-source=file:", "never written to the store")
+    assert "secret-1234" not in result.stderr
+    assert not (backing / ".kmsfs.d").exists()
+
+
 def test_init_refuses_an_unknown_token_and_a_wrong_pin(store: Store, tmp_path: Path):
     uri = uri_of(store.backing)
     env = {**base_env(tmp_path), "SOFTHSM2_CONF": str(store.state_dir / "softhsm2.conf")}
+    one = tmp_path / "pin1"
+    one.write_text("1\n")
+    wrong = tmp_path / "pin-wrong"
+    wrong.write_text("wrong-pin\n")
     cases = [
-        (Pkcs11Uri("no-such-token", uri.module_path, pin_value="1"), ("no PKCS#11 token labelled 'no-such-token'",)),
-        (Pkcs11Uri(uri.token, uri.module_path, pin_value="wrong-pin"), ("PIN", "is wrong")),
+        (Pkcs11Uri("no-such-token", uri.module_path, pin_source=f"file:{one}"), ("no PKCS#11 token labelled 'no-such-token'",)),
+        (Pkcs11Uri(uri.token, uri.module_path, pin_source=f"file:{wrong}"), ("PIN", "is wrong")),
     ]
     for n, (bad, words) in enumerate(cases):
         backing = tmp_path / f"b{n}"
@@ -481,3 +498,42 @@ def test_umount_of_a_directory_that_is_not_mounted(tmp_path: Path):
         assert result.stderr.strip() == f"kmsfs umount: {target} is not mounted"
     assert plain.is_dir()
 
+
+
+# --------------------------------------------------------------------------- untrusted config
+
+
+def test_mount_refuses_a_module_inside_the_store_or_writable_by_others(shared: Store, mnt: Path, tmp_path: Path):
+    """config.json lives in the backing store: it must not be able to load code of its choosing."""
+    uri = uri_of(shared.backing)
+    planted = shared.backing / "evil.so"
+    shutil.copy(uri.module_path, planted)
+    try:
+        override = str(Pkcs11Uri(uri.token, str(planted), uri.pin_source))
+        err = refused_mount(shared.env, shared.backing, mnt, "--pkcs11", override, mode="foreground")
+        assert_words(err, "inside the backing store")
+    finally:
+        planted.unlink()
+    writable = tmp_path / "libwritable.so"
+    shutil.copy(uri.module_path, writable)
+    writable.chmod(0o666)
+    override = str(Pkcs11Uri(uri.token, str(writable), uri.pin_source))
+    err = refused_mount(shared.env, shared.backing, mnt, "--pkcs11", override, mode="background")
+    assert_words(err, "not writable by group or others")
+
+
+def test_mount_refuses_environment_other_than_the_module_config(tmp_path: Path, mnt: Path):
+    store = make_store(tmp_path / "env")
+    path = store.backing / ".kmsfs.d" / "config.json"
+    config = json.loads(path.read_text())
+    config["hsm"]["env"]["LD_PRELOAD"] = "/tmp/evil.so"
+    path.write_text(json.dumps(config))
+    err = refused_mount(store.env, store.backing, mnt, mode="foreground")
+    assert_words(err, "refusing to set LD_PRELOAD")
+
+
+def test_mount_explains_a_missing_embedded_state_directory(tmp_path: Path, mnt: Path):
+    store = make_store(tmp_path / "gone")
+    shutil.move(str(store.state_dir), str(tmp_path / "moved-state"))
+    err = refused_mount(store.env, store.backing, mnt, mode="background")
+    assert_words(err, "softhsm2.conf is missing", "state directory")
