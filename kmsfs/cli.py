@@ -154,7 +154,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     import json
 
     from .fsck import EXIT_CLEAN, EXIT_DAMAGE, EXIT_UNABLE, STRIPPED_XATTRS_MESSAGE, FsckError, check_store
-    from .mount import mounted_store_mountpoint
+    from .mounttable import mounted_store_mountpoint
 
     _setup_logging(logging.ERROR)
     backing = Path(args.backing)

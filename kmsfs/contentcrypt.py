@@ -14,7 +14,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .format import BLOCK_OVERHEAD, FILE_ID_SIZE, NONCE_SIZE, TAG_SIZE
+from .format import BLOCK_OVERHEAD, FILE_ID_SIZE, NONCE_SIZE
 
 _BLOCK_NUMBER = struct.Struct(">Q")
 

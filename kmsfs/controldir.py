@@ -195,6 +195,12 @@ class ControlDir:
     def lookup(self, parent: Node, name: str) -> Node:
         if parent.path == () and name in TOP_FILES:
             return self._node((name,))
+        if parent.path == ("keys",):
+            # keys/ lists aliases, and a KeyId names the same directory.
+            try:
+                return self._node(("keys", self.kms.snapshot().resolve(name).KeyId))
+            except KeyNotFound:
+                raise FUSEError(errno.ENOENT) from None
         for child_name, child in self.children(parent):
             if child_name == name:
                 return child
@@ -224,7 +230,8 @@ class ControlDir:
 
     async def mkdir(self, parent: Node, name: str, caller: Caller) -> Node:
         if parent.path != ("keys",):
-            raise FUSEError(errno.EPERM)
+            raise self._refused(caller, parent, KmsError(
+                errno.EPERM, "directories can only be made in keys/ (mkdir keys/ALIAS creates a key)"))
         try:
             record = await trio.to_thread.run_sync(self.kms.create_key, caller, name)
         except KmsError as exc:
@@ -233,7 +240,8 @@ class ControlDir:
 
     async def rename(self, old_parent: Node, old: str, new_parent: Node, new: str, caller: Caller) -> None:
         if old_parent.path != ("keys",) or new_parent.path != ("keys",):
-            raise FUSEError(errno.EPERM)
+            raise self._refused(caller, old_parent, KmsError(
+                errno.EPERM, "only keys/ALIAS can be renamed, within keys/ (mv keys/A keys/B changes an alias)"))
         child = self.lookup(old_parent, old)
         try:
             await trio.to_thread.run_sync(self.kms.set_alias, caller, child.path[1], new)
@@ -261,8 +269,12 @@ class ControlDir:
             if handle.answer is None:
                 if not handle.request:
                     return b""
-                handle.answer = await trio.to_thread.run_sync(
-                    self._transact, handle.node, bytes(handle.request), handle.caller)
+                try:
+                    handle.answer = await trio.to_thread.run_sync(
+                        self._transact, handle.node, bytes(handle.request), handle.caller)
+                except FUSEError:
+                    handle.request.clear()  # refused: the next write starts a new request
+                    raise
             if handle.answer_base is None:
                 handle.answer_base = offset
             start = max(0, offset - handle.answer_base)
@@ -281,8 +293,12 @@ class ControlDir:
                 request = parse_request(bytes(handle.request))
             except KmsError:
                 return len(data)  # not complete yet; answered (or refused) at read
-            handle.answer = await trio.to_thread.run_sync(
-                self._transact, node, bytes(handle.request), caller, request)
+            try:
+                handle.answer = await trio.to_thread.run_sync(
+                    self._transact, node, bytes(handle.request), caller, request)
+            except FUSEError:
+                handle.request.clear()  # refused: the next write starts a new request
+                raise
             return len(data)
         if node.kind == RO:
             raise FUSEError(errno.EBADF)

@@ -101,6 +101,11 @@ def open_store(backing: Path) -> tuple[KeyStore, Envelope]:
 def check_store(backing: Path, progress: Callable[[int, str], None] | None = None) -> Report:
     """Check everything; the caller turns the report into output and an exit code."""
     keystore, envelope = open_store(backing)
+    try:
+        envelope.registry.snapshot()
+    except StoreError as exc:
+        keystore.close()
+        raise FsckError(str(exc)) from None
     report = Report()
     try:
         for dir_fd, name, shown in iter_regular_files(backing):

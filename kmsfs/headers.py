@@ -31,6 +31,7 @@ from .format import ciphertext_block_size
 from .fsck import HEADER_XATTR, FsckError, open_store
 from .keyregistry import KeyNotFound
 from .keystore import HsmError
+from .mounttable import mounted_store_mountpoint
 from .store import StoreError, atomic_write, load_config
 from .treewalk import iter_regular_files
 
@@ -98,6 +99,9 @@ def import_headers(backing: Path, source: Path, force: bool = False) -> ImportRe
         config = load_config(backing)
     except StoreError as exc:
         raise HeadersError(str(exc)) from None
+    where = mounted_store_mountpoint(backing)
+    if where is not None:
+        raise HeadersError(f"{backing} is mounted on {where}; unmount it first")
     if document.get("store_id") != config.store_id:
         raise HeadersError(f"{source} was exported from store {document.get('store_id')}, "
                            f"not from this store ({config.store_id})")

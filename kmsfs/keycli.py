@@ -118,6 +118,11 @@ class DirectControl:
         from .store import StoreError, load_config
 
         self._trio = trio
+        # A refusal reaches the user as this command's own message; the control
+        # directory's log line (meant for a daemon's log) would only repeat it.
+        import logging
+
+        logging.getLogger("kmsfs.controldir").setLevel(logging.ERROR)
         try:
             config = load_config(backing)
             self.keystore = KeyStore(config.uri(), config.hsm_env)
@@ -233,7 +238,7 @@ def open_control(args: argparse.Namespace) -> ControlFiles:
     if args.mount:
         return MountedControl(Path(args.mount))
     if args.store:
-        from .mount import is_mountpoint
+        from .mounttable import is_mountpoint
 
         backing = Path(args.store)
         for line in Path("/proc/self/mounts").read_text().splitlines():

@@ -47,6 +47,9 @@ _ALIAS_RE = re.compile(r"^[A-Za-z0-9_\-/.]{1,60}$")
 
 T = TypeVar("T")
 
+#: How stale another mount's key changes may be before this mount sees them.
+REVALIDATE_SECONDS = 0.2
+
 
 class KeyNotFound(StoreError):
     pass
@@ -158,6 +161,7 @@ class KeyRegistry:
         self._lock_path = store_dir(backing) / LOCK_NAME
         self._cached: Registry | None = None
         self._cached_stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
         self._mutex = threading.Lock()
 
     def _stamp(self) -> tuple[int, int, int] | None:
@@ -182,11 +186,28 @@ class KeyRegistry:
     def snapshot(self) -> Registry:
         """The current registry; re-read only when the file changed (another mount)."""
         with self._mutex:
-            stamp = self._stamp()
-            if self._cached is None or stamp != self._cached_stamp:
-                self._cached = self._read()
-                self._cached_stamp = stamp
-            return self._cached
+            return self._revalidate(time.monotonic())
+
+    def recent(self) -> Registry:
+        """The registry as of at most REVALIDATE_SECONDS ago, for the read/write path.
+
+        Changes made through this object are seen at once; changes by another
+        mount within REVALIDATE_SECONDS.  It saves a stat() per read and write.
+        A key missing here may be new: look it up again with snapshot().
+        """
+        now = time.monotonic()
+        with self._mutex:
+            if self._cached is not None and now - self._checked < REVALIDATE_SECONDS:
+                return self._cached
+            return self._revalidate(now)
+
+    def _revalidate(self, now: float) -> Registry:
+        stamp = self._stamp()
+        if self._cached is None or stamp != self._cached_stamp:
+            self._cached = self._read()
+            self._cached_stamp = stamp
+        self._checked = now
+        return self._cached
 
     @contextmanager
     def _flock(self) -> Iterator[None]:
@@ -208,6 +229,7 @@ class KeyRegistry:
             atomic_write(self._path, (json.dumps(registry.to_json(), indent=2) + "\n").encode())
             self._cached = registry
             self._cached_stamp = self._stamp()
+            self._checked = time.monotonic()
             return result
 
 

@@ -219,6 +219,15 @@ class KeyStore:
                 return False
             return True
 
+    def is_usable(self, key_id: uuid.UUID, version: int) -> bool:
+        """Whether the HSM lets the key encrypt or decrypt (its CKA_ENCRYPT/CKA_DECRYPT)."""
+        with self._lock:
+            key = self._key(key_id, version, fresh=True)
+            try:
+                return bool(key[Attribute.ENCRYPT]) or bool(key[Attribute.DECRYPT])
+            except p11exc.PKCS11Error as exc:
+                raise HsmError(f"cannot read the attributes of CMK {key_id} v{version}: {_describe(exc)}") from exc
+
     def set_usable(self, key_id: uuid.UUID, version: int, usable: bool) -> None:
         """Turn the key's CKA_ENCRYPT and CKA_DECRYPT on or off inside the HSM."""
         with self._lock:

@@ -32,7 +32,7 @@ from typing import Any
 
 from .format import MAX_CONTEXT_CHARS, canonical_context, parse_context, FormatError
 from .keyregistry import (
-    DISABLED, ENABLED, ORIGIN_EXTERNAL, ORIGIN_KMSFS, OWNER_FILESYSTEM, PENDING_DELETE, PENDING_IMPORT,
+    DISABLED, ENABLED, ORIGIN_EXTERNAL, ORIGIN_KMSFS, PENDING_DELETE, PENDING_IMPORT,
     KeyNotFound, KeyRecord, KeyRegistry, Registry, new_key_record, validate_alias,
 )
 from .keystore import HsmError, KeyStore
@@ -292,8 +292,8 @@ class KeyService:
                 raise KmsError(errno.EPERM, "the key is pending deletion; cancel the deletion first")
             if record.KeyState == PENDING_IMPORT:
                 raise KmsError(errno.EPERM, "the key has no material yet; import it first")
-            if record.KeyState == state:
-                return
+            # Set the HSM attributes even when the registry already agrees: this
+            # also repairs an HSM left out of step (e.g. by a crash in between).
             for version in record.Versions:
                 self.keystore.set_usable(record.key_uuid, version, state == ENABLED)
             record.KeyState = state
@@ -334,8 +334,17 @@ class KeyService:
             if record.KeyState not in (ENABLED, DISABLED):
                 raise KmsError(errno.EPERM, f"a {record.KeyState} key cannot be rotated")
             if record.Origin == ORIGIN_EXTERNAL:
-                raise KmsError(errno.EPERM, "imported keys are rotated by importing new material")
+                raise KmsError(errno.EPERM, "imported keys cannot be rotated: import a new key and "
+                                            "move files to it (setfattr user.kmsfs.key)")
+            if operation == "AutoRotateKey" and not (
+                record.KeyRotationEnabled and 0 < record.NextRotateTime <= time.time()
+            ):
+                return record.CurrentVersion  # another mount rotated it first
             version = max(record.Versions, default=0) + 1
+            if self.keystore.has_key(record.key_uuid, version):
+                # Left by a crash between generating it and recording it: never
+                # used (no header names an unrecorded version), so replace it.
+                self.keystore.destroy_key(record.key_uuid, version)
             self.keystore.generate_key(record.key_uuid, version)
             if record.KeyState == DISABLED:
                 self.keystore.set_usable(record.key_uuid, version, False)
@@ -388,10 +397,22 @@ class KeyService:
         return done
 
     def _destroy(self, key_id: str) -> None:
+        destroyed = False
+
         def change(reg: Registry) -> None:
+            nonlocal destroyed
             record = reg.keys.get(key_id)
-            if record is None or record.KeyState != PENDING_DELETE:
+            if record is None or record.KeyState != PENDING_DELETE or not record.DeletionDate:
                 return
+            if record.filesystem_managed or record.KeyId == reg.default_key:
+                raise KmsError(errno.EPERM, "the default key is never destroyed")
+            # keys.json is not trusted: a deletion scheduled through kmsfs turned
+            # the key off in the HSM first.  A key the HSM still allows to be used
+            # was never scheduled for deletion; someone edited the registry.
+            for version in record.Versions:
+                if self.keystore.is_usable(record.key_uuid, version):
+                    raise KmsError(errno.EPERM, f"key {record.Alias} is PendingDelete in keys.json but still "
+                                                f"enabled in the HSM: refusing to destroy it")
             for version in list(record.Versions):
                 try:
                     self.keystore.destroy_key(record.key_uuid, version)
@@ -400,10 +421,17 @@ class KeyService:
                         raise
             del reg.keys[key_id]
             reg.destroyed.append(key_id)
+            destroyed = True
 
-        self.registry.update(change)
-        self.audit(None, "DeleteKey", key_id, "ok", "deletion window passed; key material destroyed")
-        log.warning("CMK %s destroyed: files under it are unrecoverable", key_id)
+        try:
+            self.registry.update(change)
+        except KmsError as exc:
+            self.audit(None, "DeleteKey", key_id, "refused", str(exc))
+            log.error("not destroying CMK %s: %s", key_id, exc)
+            return
+        if destroyed:
+            self.audit(None, "DeleteKey", key_id, "ok", "deletion window passed; key material destroyed")
+            log.warning("CMK %s destroyed: files under it are unrecoverable", key_id)
 
     # ================================================================ grants
 

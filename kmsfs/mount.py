@@ -24,6 +24,7 @@ from .keyregistry import KeyRegistry
 from .keystore import HsmError, KeyStore
 from .kms import KeyService, KmsError
 from .pkcs11uri import Pkcs11Uri, UriError
+from .mounttable import is_mountpoint
 from .store import StoreError, check_user_xattrs, load_config, store_dir
 
 log = logging.getLogger(__name__)
@@ -45,31 +46,8 @@ def pidfile_for(mountpoint: Path) -> Path:
     return runtime_dir() / f"{digest}.pid"
 
 
-def is_mountpoint(path: Path) -> bool:
-    target = str(path.resolve())
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 1 and fields[1].replace("\\040", " ") == target:
-                    return True
-    except OSError:
-        pass
-    return False
 
 
-def mounted_store_mountpoint(backing: Path) -> str | None:
-    """Where the store is mounted (by this or another daemon), if anywhere."""
-    fsname = f"kmsfs:{backing.resolve()}"
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 1 and fields[0] == fsname:
-                    return fields[1]
-    except OSError:
-        pass
-    return None
 
 
 #: How many non-empty files the mount looks at to recognise a store copied without xattrs.
@@ -242,6 +220,8 @@ def serve(
 
 #: How often a mounted store checks for due rotations and expired deletion windows.
 SCHEDULE_INTERVAL = 60.0
+#: How often a mount looks for keys disabled through another mount or the CLI.
+KEY_WATCH_INTERVAL = 0.5
 
 
 async def _main_loop(ops: KmsfsOperations) -> None:
@@ -249,6 +229,7 @@ async def _main_loop(ops: KmsfsOperations) -> None:
         ops.nursery = nursery
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         nursery.start_soon(_run_schedule, ops)
+        nursery.start_soon(ops.watch_key_states, KEY_WATCH_INTERVAL)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
