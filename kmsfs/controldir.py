@@ -52,6 +52,11 @@ KEY_FILES: dict[str, str] = {
 }
 IMPORT_FILES: dict[str, str] = {"wrapping-key.pem": RO, "material": WO}
 
+#: The largest command, or transactional request, in bytes.  A write(2) larger
+#: than the kernel's max_write arrives here in pieces, and a piece must never be
+#: taken for a whole command: anything near that size is refused instead.
+MAX_COMMAND = 64 * 1024
+
 README_TEXT = """\
 kmsfs control directory
 =======================
@@ -286,6 +291,12 @@ class ControlDir:
         if node.kind == TXN:
             if handle.answer is not None:  # a new request on the same open file
                 handle.request.clear()
+            if len(handle.request) + len(data) > MAX_COMMAND:
+                handle.request.clear()  # the next write starts a new request
+                handle.answer = None
+                handle.answer_base = None
+                raise self._refused(caller, node, KmsError(
+                    errno.EINVAL, f"request larger than {MAX_COMMAND // 1024} KiB"))
             handle.request += data
             handle.answer = None
             handle.answer_base = None
@@ -302,6 +313,9 @@ class ControlDir:
             return len(data)
         if node.kind == RO:
             raise FUSEError(errno.EBADF)
+        if len(data) > MAX_COMMAND:
+            raise self._refused(caller, node, KmsError(
+                errno.EINVAL, f"command larger than {MAX_COMMAND // 1024} KiB"))
         try:
             await self._command(node, data, caller)
         except KmsError as exc:
@@ -346,6 +360,10 @@ class ControlDir:
         return b""
 
     async def _command(self, node: Node, data: bytes, caller: Caller) -> None:
+        if node.path[-1] in ("state", "deletion") and len(node.path) == 3:
+            # Before a key can stop working: have the kernel write back pages it
+            # still holds for files under it, while writes are still accepted.
+            await self._invalidate_key(node.path[1])
         # Lifecycle changes touch the HSM and fsync the registry: off the trio loop.
         follow_up = await trio.to_thread.run_sync(self._apply, node, data, caller)
         if follow_up == "invalidate":
@@ -451,6 +469,7 @@ def _text(data: bytes) -> str:
 
 
 def _int(text: str, message: str) -> int:
-    if not text.isdigit() or len(text) > 6:
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣٠".
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
         raise KmsError(errno.EINVAL, message)
     return int(text)

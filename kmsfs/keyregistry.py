@@ -43,7 +43,7 @@ PENDING_DELETE = "PendingDelete"
 PENDING_IMPORT = "PendingImport"
 KEY_STATES = (ENABLED, DISABLED, PENDING_DELETE, PENDING_IMPORT)
 
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9_\-/.]{1,60}$")
+_ALIAS_RE = re.compile(r"[A-Za-z0-9_\-/.]{1,60}")  # with fullmatch: "$" would let a trailing "\n" through
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ class KeyNotFound(StoreError):
 
 
 def validate_alias(alias: str) -> str:
-    if not _ALIAS_RE.match(alias) or alias.startswith(".") or "/" in alias:
+    if not _ALIAS_RE.fullmatch(alias) or alias.startswith(".") or "/" in alias:
         raise ValueError(
             "an alias is 1 to 60 characters of letters, digits, '_', '-' and '.', not starting with '.'"
         )
@@ -176,11 +176,13 @@ class KeyRegistry:
             data = json.loads(self._path.read_bytes())
         except FileNotFoundError:
             return Registry()
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are no text at all
             raise StoreError(f"{self._path} is damaged: {exc}") from exc
         try:
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, found {type(data).__name__}")
             return Registry.from_json(data)
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise StoreError(f"{self._path} is damaged: {exc}") from exc
 
     def snapshot(self) -> Registry:

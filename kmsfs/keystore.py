@@ -73,6 +73,24 @@ class HsmUnwrapFailed(HsmError):
     errno = errno.EIO
 
 
+class HsmUnavailable(HsmError):
+    """The token stopped answering (removed, its storage gone, the module failed).
+
+    Only the request that needed the HSM fails; the next call tries again to
+    reach the token (new session, login, and if need be a fresh C_Initialize).
+    """
+
+    errno = errno.EIO
+
+
+#: python-pkcs11 errors that say the session or the token is gone, not the key.
+_CONNECTION_ERRORS = (
+    p11exc.SessionHandleInvalid, p11exc.SessionClosed, p11exc.UserNotLoggedIn, p11exc.DeviceError,
+    p11exc.DeviceRemoved, p11exc.TokenNotPresent, p11exc.TokenNotRecognised, p11exc.SlotIDInvalid,
+    p11exc.DeviceMemory,
+)
+
+
 _loaded_libs: dict[str, Any] = {}
 _libs_lock = threading.Lock()
 
@@ -148,9 +166,19 @@ class KeyStore:
                 )
             os.environ[name] = value
         check_module_path(uri.module_path)
-        lib = _load_module(uri.module_path)
+        self._lib = _load_module(uri.module_path)
+        self._token, self._session = self._open_session()
+        self._lock = threading.Lock()
+        self._handles: dict[bytes, Any] = {}
+        #: Set when the token stopped answering; the next call reconnects first.
+        self._broken = False
+        log.info("logged in to PKCS#11 token %r (module %s)", uri.token, uri.module_path)
+
+    def _open_session(self) -> tuple[Any, Any]:
+        """Find the token and log in: a new read-write user session."""
+        uri = self.uri
         try:
-            self._token = lib.get_token(token_label=uri.token)
+            token = self._lib.get_token(token_label=uri.token)
         except p11exc.NoSuchToken as exc:
             raise HsmTokenNotFound(
                 f"no PKCS#11 token labelled {uri.token!r} in module {uri.module_path}"
@@ -162,16 +190,88 @@ class KeyStore:
         except UriError as exc:
             raise HsmPinIncorrect(str(exc)) from exc
         try:
-            self._session = self._token.open(user_pin=pin, rw=True)
+            session = token.open(user_pin=pin, rw=True)
         except (p11exc.PinIncorrect, p11exc.PinLenRange, p11exc.PinInvalid) as exc:
             raise HsmPinIncorrect(f"the PIN for token {uri.token!r} is wrong") from exc
         except p11exc.PinLocked as exc:
             raise HsmPinIncorrect(f"the PIN of token {uri.token!r} is locked") from exc
         except p11exc.PKCS11Error as exc:
             raise HsmError(f"cannot log in to token {uri.token!r}: {_describe(exc)}") from exc
-        self._lock = threading.Lock()
-        self._handles: dict[bytes, Any] = {}
-        log.info("logged in to PKCS#11 token %r (module %s)", uri.token, uri.module_path)
+        return token, session
+
+    # ------------------------------------------------------------------ faults and recovery
+
+    def _call(self, fn: Any) -> Any:
+        """Run ``fn`` (with the lock held) on a live session.
+
+        A failure is checked against the token itself: if the token no longer
+        answers, cached handles and the session are dropped, the session is
+        opened again and ``fn`` is retried once; if the token is still gone,
+        the caller gets HsmUnavailable (EIO) and the next call tries again.
+        Failures of a healthy token (missing key, disabled key, bad data)
+        pass through unchanged.
+        """
+        if self._broken:
+            self._reconnect()
+        try:
+            return fn()
+        except (HsmError, p11exc.PKCS11Error) as exc:
+            if isinstance(exc, HsmPinIncorrect) or not (
+                isinstance(exc, HsmUnavailable) or _is_connection_error(exc) or self._token_lost()
+            ):
+                if isinstance(exc, p11exc.PKCS11Error):
+                    raise HsmError(f"HSM call failed: {_describe(exc)}") from exc
+                raise
+            if not self._broken:
+                log.error("the PKCS#11 token %r stopped answering (%s); reconnecting",
+                          self.uri.token, _describe(exc))
+            self._broken = True
+            self._handles.clear()
+        self._reconnect()
+        return fn()
+
+    def _token_lost(self) -> bool:
+        """Whether the token behind our session no longer answers (one C_GetTokenInfo)."""
+        try:
+            info = self._token.slot.get_token()
+        except p11exc.PKCS11Error:
+            return True
+        return info.label != self.uri.token
+
+    def _reconnect(self) -> None:
+        """A new session and login; a fresh C_Initialize of the module if that is not enough.
+
+        SoftHSM2, for one, keeps a token whose storage vanished marked invalid
+        until the module is initialised again.  Raises HsmUnavailable while the
+        token still does not answer.
+        """
+        self._broken = True
+        self._handles.clear()
+        try:
+            self._session.close()
+        except Exception as exc:  # the session may be long dead; nothing to keep of it
+            log.debug("closing the old PKCS#11 session failed: %s", _describe(exc))
+        try:
+            self._token, self._session = self._open_session()
+        except HsmPinIncorrect:
+            raise
+        except HsmError:
+            with _libs_lock:
+                try:
+                    self._lib.reinitialize()
+                except p11exc.PKCS11Error as exc:
+                    raise HsmUnavailable(
+                        f"the HSM is unavailable: module {self.uri.module_path} could not be "
+                        f"initialised again ({_describe(exc)})"
+                    ) from exc
+            try:
+                self._token, self._session = self._open_session()
+            except HsmPinIncorrect:
+                raise
+            except HsmError as exc:
+                raise HsmUnavailable(f"the HSM is unavailable: {exc}") from exc
+        self._broken = False
+        log.warning("reconnected to PKCS#11 token %r", self.uri.token)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,7 +281,8 @@ class KeyStore:
             try:
                 self._session.close()
             except p11exc.PKCS11Error:
-                log.warning("closing the PKCS#11 session failed", exc_info=True)
+                if not self._broken:
+                    log.warning("closing the PKCS#11 session failed", exc_info=True)
 
     def generate_key(self, key_id: uuid.UUID, version: int) -> None:
         """Create CMK version ``version`` inside the HSM, non-extractable."""
@@ -199,7 +300,7 @@ class KeyStore:
             Attribute.VERIFY: False,
             Attribute.MODIFIABLE: True,
         }
-        with self._lock:
+        def op() -> None:
             try:
                 key = self._session.generate_key(
                     KeyType.AES, 256, id=oid, label=object_label(key_id, version),
@@ -209,45 +310,63 @@ class KeyStore:
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM could not generate a key: {_describe(exc)}") from exc
             self._handles[oid] = key
+
+        with self._lock:
+            self._call(op)
         log.info("generated CMK %s version %d in the HSM", key_id, version)
 
     def has_key(self, key_id: uuid.UUID, version: int) -> bool:
-        with self._lock:
+        def op() -> bool:
             try:
                 self._key(key_id, version)
             except HsmKeyMissing:
+                if self._token_lost():  # a lost token finds no key at all
+                    raise HsmUnavailable(f"the HSM is unavailable: token {self.uri.token!r} does not answer")
                 return False
             return True
 
+        with self._lock:
+            return self._call(op)
+
     def is_usable(self, key_id: uuid.UUID, version: int) -> bool:
         """Whether the HSM lets the key encrypt or decrypt (its CKA_ENCRYPT/CKA_DECRYPT)."""
-        with self._lock:
+        def op() -> bool:
             key = self._key(key_id, version, fresh=True)
             try:
                 return bool(key[Attribute.ENCRYPT]) or bool(key[Attribute.DECRYPT])
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"cannot read the attributes of CMK {key_id} v{version}: {_describe(exc)}") from exc
 
+        with self._lock:
+            return self._call(op)
+
     def set_usable(self, key_id: uuid.UUID, version: int, usable: bool) -> None:
         """Turn the key's CKA_ENCRYPT and CKA_DECRYPT on or off inside the HSM."""
-        with self._lock:
+        def op() -> None:
             key = self._key(key_id, version)
             try:
                 key[Attribute.ENCRYPT] = usable
                 key[Attribute.DECRYPT] = usable
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM refused to change key {key_id} v{version}: {_describe(exc)}") from exc
-            # The cached object's methods reflect the old attributes; look it up afresh next time.
-            self._handles.pop(object_id(key_id, version), None)
+            finally:
+                # The cached object's methods reflect the old attributes; look it up afresh next time.
+                self._handles.pop(object_id(key_id, version), None)
+
+        with self._lock:
+            self._call(op)
 
     def destroy_key(self, key_id: uuid.UUID, version: int) -> None:
-        with self._lock:
+        def op() -> None:
             key = self._key(key_id, version)
             try:
                 key.destroy()
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM could not destroy key {key_id} v{version}: {_describe(exc)}") from exc
             self._handles.pop(object_id(key_id, version), None)
+
+        with self._lock:
+            self._call(op)
         log.warning("destroyed CMK %s version %d in the HSM", key_id, version)
 
     # ------------------------------------------------------------------ bring your own key
@@ -259,27 +378,30 @@ class KeyStore:
         """
         oid = _import_object_id(key_id)
         with self._lock:
+            return self._call(lambda: self._import_public_key(key_id, oid))
+
+    def _import_public_key(self, key_id: uuid.UUID, oid: bytes) -> tuple[int, int]:
+        try:
+            public = self._session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=oid)
+        except p11exc.NoSuchKey:
             try:
-                public = self._session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=oid)
-            except p11exc.NoSuchKey:
-                try:
-                    public, _private = self._session.generate_keypair(
-                        KeyType.RSA, 3072, id=oid, label=f"kmsfs:{key_id}:import", store=True,
-                        mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
-                        public_template={Attribute.ENCRYPT: True, Attribute.WRAP: True, Attribute.VERIFY: False},
-                        private_template={
-                            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
-                            Attribute.DECRYPT: False, Attribute.UNWRAP: True, Attribute.SIGN: False,
-                        },
-                    )
-                except p11exc.PKCS11Error as exc:
-                    raise HsmError(f"the HSM could not make an import key pair: {_describe(exc)}") from exc
+                public, _private = self._session.generate_keypair(
+                    KeyType.RSA, 3072, id=oid, label=f"kmsfs:{key_id}:import", store=True,
+                    mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                    public_template={Attribute.ENCRYPT: True, Attribute.WRAP: True, Attribute.VERIFY: False},
+                    private_template={
+                        Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
+                        Attribute.DECRYPT: False, Attribute.UNWRAP: True, Attribute.SIGN: False,
+                    },
+                )
             except p11exc.PKCS11Error as exc:
-                raise HsmError(f"HSM lookup of the import key failed: {_describe(exc)}") from exc
-            return (
-                int.from_bytes(public[Attribute.MODULUS], "big"),
-                int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
-            )
+                raise HsmError(f"the HSM could not make an import key pair: {_describe(exc)}") from exc
+        except p11exc.PKCS11Error as exc:
+            raise HsmError(f"HSM lookup of the import key failed: {_describe(exc)}") from exc
+        return (
+            int.from_bytes(public[Attribute.MODULUS], "big"),
+            int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
+        )
 
     def import_key(self, key_id: uuid.UUID, version: int, wrapped_material: bytes) -> None:
         """Unwrap RSAES-OAEP wrapped AES-256 material into a non-extractable key.
@@ -295,25 +417,29 @@ class KeyStore:
             Attribute.UNWRAP: False, Attribute.MODIFIABLE: True,
         }
         with self._lock:
+            self._call(lambda: self._import_key(key_id, version, wrapped_material, oid, template))
+
+    def _import_key(self, key_id: uuid.UUID, version: int, wrapped_material: bytes, oid: bytes,
+                    template: dict[Any, Any]) -> None:
+        try:
+            private = self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=oid)
+        except p11exc.NoSuchKey as exc:
+            raise HsmKeyMissing("no import wrapping key: read wrapping-key.pem first") from exc
+        errors = []
+        for digest, mgf in ((Mechanism.SHA256, MGF.SHA256), (Mechanism.SHA_1, MGF.SHA1)):
             try:
-                private = self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=oid)
-            except p11exc.NoSuchKey as exc:
-                raise HsmKeyMissing("no import wrapping key: read wrapping-key.pem first") from exc
-            errors = []
-            for digest, mgf in ((Mechanism.SHA256, MGF.SHA256), (Mechanism.SHA_1, MGF.SHA1)):
-                try:
-                    key = private.unwrap_key(
-                        ObjectClass.SECRET_KEY, KeyType.AES, wrapped_material,
-                        id=object_id(key_id, version), label=object_label(key_id, version),
-                        mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(digest, mgf, None),
-                        store=True, template=template,
-                    )
-                except p11exc.PKCS11Error as exc:
-                    errors.append(f"OAEP {digest.name}: {_describe(exc)}")
-                    continue
-                self._handles[object_id(key_id, version)] = key
-                log.info("imported key material for CMK %s version %d (OAEP %s)", key_id, version, digest.name)
-                return
+                key = private.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped_material,
+                    id=object_id(key_id, version), label=object_label(key_id, version),
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(digest, mgf, None),
+                    store=True, template=template,
+                )
+            except p11exc.PKCS11Error as exc:
+                errors.append(f"OAEP {digest.name}: {_describe(exc)}")
+                continue
+            self._handles[object_id(key_id, version)] = key
+            log.info("imported key material for CMK %s version %d (OAEP %s)", key_id, version, digest.name)
+            return
         hint = ""
         if errors and errors[0].endswith(("ArgumentsBad", "MechanismParamInvalid")):
             # SoftHSM2 2.6 refuses any OAEP hash but SHA-1 with CKR_ARGUMENTS_BAD.
@@ -329,30 +455,37 @@ class KeyStore:
     def wrap(self, key_id: uuid.UUID, version: int, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """AES-GCM encrypt small data inside the HSM.  Returns (nonce, ciphertext||tag)."""
         nonce = os.urandom(NONCE_SIZE)
-        with self._lock:
+
+        def op() -> Any:
             key = self._capable(key_id, version, "encrypt")
             try:
-                sealed = key.encrypt(
+                return key.encrypt(
                     plaintext, mechanism=Mechanism.AES_GCM,
                     mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
                 )
             except p11exc.PKCS11Error as exc:
                 raise self._use_error(exc, key_id, version, "encrypt") from exc
+
+        with self._lock:
+            sealed = self._call(op)
         return nonce, bytes(sealed)
 
     def unwrap(self, key_id: uuid.UUID, version: int, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
         """AES-GCM decrypt inside the HSM; HsmUnwrapFailed when anything was altered."""
         if len(nonce) != NONCE_SIZE or len(sealed) < TAG_SIZE:
             raise HsmUnwrapFailed("wrapped data has a wrong length")
-        with self._lock:
+        def op() -> Any:
             key = self._capable(key_id, version, "decrypt")
             try:
-                plain = key.decrypt(
+                return key.decrypt(
                     sealed, mechanism=Mechanism.AES_GCM,
                     mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS),
                 )
             except p11exc.PKCS11Error as exc:
                 raise self._use_error(exc, key_id, version, "decrypt") from exc
+
+        with self._lock:
+            plain = self._call(op)
         return bytes(plain)
 
     def wrap_dek(self, key_id: uuid.UUID, version: int, dek: bytes, aad: bytes) -> tuple[bytes, bytes]:
@@ -407,6 +540,16 @@ class KeyStore:
             # SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR.
             return HsmUnwrapFailed(f"CMK {key_id} v{version} could not unwrap: data or context altered")
         return HsmError(f"HSM {op} with CMK {key_id} v{version} failed: {_describe(exc)}")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the python-pkcs11 error behind it) says the session or token is gone."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _CONNECTION_ERRORS):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _code(exc: Exception) -> int | None:

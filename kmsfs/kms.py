@@ -446,7 +446,8 @@ class KeyService:
                 raise invalid(f"grants line {number}: expected 'uid:N ROLE' or 'gid:N ROLE'")
             who, role = parts
             kind, _, number_text = who.partition(":")
-            if kind not in ("uid", "gid") or not number_text.isdigit() or int(number_text) > 0xFFFFFFFF:
+            if (kind not in ("uid", "gid") or not (number_text.isascii() and number_text.isdigit())
+                    or int(number_text) > 0xFFFFFFFF):
                 raise invalid(f"grants line {number}: {who!r} is not uid:N or gid:N")
             if role not in ROLES:
                 raise invalid(f"grants line {number}: role {role!r} is not 'use' or 'admin'")

@@ -95,16 +95,27 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} is not writable by you")
 
 
-def _fuse_options(backing: Path, extra: list[str]) -> set[str]:
-    options = set(pyfuse3.default_options)
-    options.discard("default_permissions")
-    options |= {"default_permissions", f"fsname=kmsfs:{backing.resolve()}", "subtype=kmsfs"}
+#: Mount options that kmsfs itself takes (not passed to FUSE).
+KMSFS_OPTIONS = frozenset({"writeback_cache"})
+
+
+def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
+    """(FUSE options, kmsfs options) from the -o arguments."""
+    fuse: set[str] = set()
+    own: set[str] = set()
     for item in extra:
         for option in item.split(","):
             option = option.strip()
             if option:
-                options.add(option)
-    return options
+                (own if option in KMSFS_OPTIONS else fuse).add(option)
+    return fuse, own
+
+
+def _fuse_options(backing: Path, extra: set[str]) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"default_permissions", f"fsname=kmsfs:{backing.resolve()}", "subtype=kmsfs"}
+    return options | extra
 
 
 def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[KmsfsOperations, KeyStore]:
@@ -184,8 +195,12 @@ def serve(
     pidfile = pidfile_for(mountpoint)
     # Modes arrive from the kernel with the caller's umask already applied.
     os.umask(0)
+    fuse_options, own_options = _split_options(options)
+    if "writeback_cache" in own_options:
+        ops.enable_writeback_cache = True
+        log.info("writeback cache on: changes made behind this mount's back may go unseen")
     try:
-        pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, options))
+        pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, fuse_options))
     except RuntimeError as exc:
         keystore.close()
         message = f"FUSE mount of {mountpoint} failed: {exc}"
@@ -242,6 +257,10 @@ async def _run_schedule(ops: KmsfsOperations) -> None:
             done = await trio.to_thread.run_sync(ops.kms.run_due)
         except (KmsError, HsmError, StoreError, OSError) as exc:
             log.error("scheduled key work failed: %s", exc)
+            continue
+        except Exception:
+            # Never let it end the mount: the FUSE loop runs in the same nursery.
+            log.exception("scheduled key work failed unexpectedly; retrying in %.0fs", interval)
             continue
         for line in done:
             log.info("scheduled key work: %s", line)

@@ -159,3 +159,47 @@ def test_umount_command_and_background_mount(store):
         from conftest import is_mounted
         if is_mounted(mnt):
             store.kmsfs("umount", str(mnt), check=False)
+
+
+def test_writeback_cache_option_keeps_contents_appends_and_sizes(store):
+    """-o writeback_cache: the kernel batches writes and places O_APPEND itself."""
+    m = store.mount(None, "writeback_cache")
+    assert "writeback cache on" in m.log()
+    rng = random.Random(11)
+    model = bytearray()
+    path = m.path / "wb.bin"
+    with open(path, "w+b", buffering=0) as fh:
+        for _ in range(200):
+            op = rng.random()
+            if op < 0.5:
+                off = rng.randrange(0, len(model) + 2 * B + 1)
+                chunk = rng.randbytes(rng.choice([1, 100, B - 1, B, B + 1, 3 * B + 5]))
+                fh.seek(off)
+                fh.write(chunk)
+                if off > len(model):
+                    model.extend(bytes(off - len(model)))
+                model[off:off + len(chunk)] = chunk
+            elif op < 0.7:
+                new = rng.randrange(0, len(model) + 2 * B + 1)
+                fh.truncate(new)
+                del model[new:]
+                model.extend(bytes(new - len(model)))
+            else:
+                off = rng.randrange(0, len(model) + 10)
+                fh.seek(off)
+                assert fh.read(2 * B) == bytes(model[off:off + 2 * B])
+        os.fsync(fh.fileno())
+    log = m.path / "append.log"
+    log.write_bytes(b"start\n")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        for i in range(50):
+            os.write(fd, f"line {i}\n".encode())
+    finally:
+        os.close(fd)
+    expected_log = b"start\n" + b"".join(f"line {i}\n".encode() for i in range(50))
+    assert log.read_bytes() == expected_log
+    m.unmount()
+    m2 = store.mount()
+    assert (m2.path / "wb.bin").read_bytes() == bytes(model)
+    assert (m2.path / "append.log").read_bytes() == expected_log
