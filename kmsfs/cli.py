@@ -181,12 +181,30 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     else:
         for damage in report.damaged:
             blocks = f" (blocks {', '.join(map(str, damage.blocks))})" if damage.blocks else ""
-            print(f"{damage.path}: {damage.cause}{blocks}: {damage.detail}")
+            print(f"{_printable_path(damage.path)}: {damage.cause}{blocks}: {_printable_path(damage.detail)}")
         if report.stripped_xattrs:
             print(f"kmsfs fsck: {STRIPPED_XATTRS_MESSAGE}")
         state = "clean" if not report.damaged else f"{len(report.damaged)} damaged"
         print(f"kmsfs fsck: {report.files} files, {report.bytes} bytes checked: {state}")
     return EXIT_CLEAN if not report.damaged else EXIT_DAMAGE
+
+
+def _printable_path(path: str) -> str:
+    """A path for one line of a report: bytes that are not UTF-8 (surrogate escapes),
+    control characters and backslashes escaped, so that no name can break a line,
+    forge another one, or fail to print under a UTF-8 locale."""
+    out = []
+    for ch in path:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as os.fsdecode gives it
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif not ch.isprintable():
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def cmd_headers(args: argparse.Namespace) -> int:

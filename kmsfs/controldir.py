@@ -63,6 +63,7 @@ kmsfs control directory
 
 Every file here is virtual.  Each write(2) to a file is one command, applied at
 once; a bad command fails with EINVAL (or EPERM, EACCES) and changes nothing.
+A command, or a request to a file that answers it, is at most 64 KiB.
 The reason for every refusal is in audit.log and in the daemon's log.
 
 README                 this text

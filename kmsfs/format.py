@@ -121,6 +121,8 @@ def parse_context(text: str | bytes) -> dict[str, str]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FormatError(f"encryption context is not valid JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of 4300+ digits; nesting 1000 deep
+        raise FormatError("encryption context is not valid JSON: too deeply nested or too large a number") from exc
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
@@ -137,7 +139,7 @@ def context_from_canonical(raw: bytes) -> dict[str, str]:
         return {}
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also: 4300+ digit integers, nesting 1000 deep
         raise FormatError("header context is not valid JSON") from exc
     if (
         not isinstance(value, dict)

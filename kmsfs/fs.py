@@ -506,7 +506,8 @@ class KmsfsOperations(pyfuse3.Operations):
     @_fuse_op
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if parent_inode >= CONTROL_BASE:
-            node = await self.control.mkdir(self.control.node(parent_inode), _control_name(name), self._caller(ctx))
+            node = await self.control.mkdir(self.control.node(parent_inode), _control_name(name, errno.EINVAL),
+                                            self._caller(ctx))
             return self.control.attrs(node)
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
@@ -567,7 +568,8 @@ class KmsfsOperations(pyfuse3.Operations):
             if flags & ~pyfuse3.RENAME_NOREPLACE:
                 raise FUSEError(errno.EINVAL)  # aliases are unique: NOREPLACE is always true
             await self.control.rename(self.control.node(parent_inode_old), _control_name(name_old),
-                                      self.control.node(parent_inode_new), _control_name(name_new), self._caller(ctx))
+                                      self.control.node(parent_inode_new), _control_name(name_new, errno.EINVAL),
+                                      self._caller(ctx))
             return
         self._check_name(parent_inode_old, name_old)
         self._check_name(parent_inode_new, name_new)
@@ -672,6 +674,10 @@ class KmsfsOperations(pyfuse3.Operations):
         try:
             os.setxattr(fd, HEADER_XATTR, header.to_bytes())
             self._chown_new(parent, name, ctx)
+            if mode & (stat.S_ISUID | stat.S_ISGID):
+                # chown(2) clears these bits of a regular file, even when root changes
+                # its owner; the kernel has already dropped any the creator may not set.
+                os.fchmod(fd, stat.S_IMODE(mode))
         except BaseException:
             os.close(fd)
             os.unlink(name, dir_fd=parent.fd)
@@ -1113,8 +1119,9 @@ def _get_xattr_or_none(path: str, name: str) -> str | None:
     return None if raw is None else raw.decode("utf-8", "replace")
 
 
-def _control_name(name: bytes) -> str:
+def _control_name(name: bytes, code: int = errno.ENOENT) -> str:
+    """A name in the control directory; not UTF-8: no such entry, or (for a new name) EINVAL."""
     try:
         return name.decode("utf-8", "strict")
     except UnicodeDecodeError:
-        raise FUSEError(errno.ENOENT) from None
+        raise FUSEError(code) from None

@@ -104,9 +104,28 @@ def _load_module(path: str) -> Any:
             try:
                 lib = pkcs11.lib(path)
             except (RuntimeError, OSError, p11exc.PKCS11Error) as exc:
-                raise HsmModuleError(f"cannot load PKCS#11 module {path}: {exc}") from exc
+                raise HsmModuleError(f"cannot load PKCS#11 module {path}: {_describe(exc)}{_softhsm2_hint()}") from exc
             _loaded_libs[path] = lib
         return lib
+
+
+def _softhsm2_hint() -> str:
+    """Why SoftHSM2 may refuse to initialise: its token directory is gone (C_Initialize fails)."""
+    conf = os.environ.get("SOFTHSM2_CONF")
+    if not conf:
+        return ""
+    try:
+        with open(conf, encoding="utf-8") as fh:
+            for line in fh:
+                name, _, value = line.partition("=")
+                if name.strip() == "directories.tokendir":
+                    tokendir = value.strip()
+                    if tokendir and not os.path.isdir(tokendir):
+                        return (f" (the SoftHSM2 token directory {tokendir} named in {conf} is missing: "
+                                f"the tokens, and this store's keys, live there)")
+    except OSError:
+        pass
+    return ""
 
 
 #: Environment a store's config may set for its module: configuration, never code.
@@ -321,7 +340,8 @@ class KeyStore:
                 self._key(key_id, version)
             except HsmKeyMissing:
                 if self._token_lost():  # a lost token finds no key at all
-                    raise HsmUnavailable(f"the HSM is unavailable: token {self.uri.token!r} does not answer")
+                    raise HsmUnavailable(
+                        f"the HSM is unavailable: token {self.uri.token!r} does not answer") from None
                 return False
             return True
 

@@ -35,7 +35,7 @@ from .keyregistry import (
     DISABLED, ENABLED, ORIGIN_EXTERNAL, ORIGIN_KMSFS, PENDING_DELETE, PENDING_IMPORT,
     KeyNotFound, KeyRecord, KeyRegistry, Registry, new_key_record, validate_alias,
 )
-from .keystore import HsmError, KeyStore
+from .keystore import HsmError, HsmKeyMissing, HsmUnavailable, KeyStore
 from .store import store_dir
 
 log = logging.getLogger(__name__)
@@ -294,11 +294,25 @@ class KeyService:
                 raise KmsError(errno.EPERM, "the key has no material yet; import it first")
             # Set the HSM attributes even when the registry already agrees: this
             # also repairs an HSM left out of step (e.g. by a crash in between).
-            for version in record.Versions:
-                self.keystore.set_usable(record.key_uuid, version, state == ENABLED)
+            self._set_usable_all(record, state == ENABLED)
             record.KeyState = state
 
         self._mutate(caller, "EnableKey" if state == ENABLED else "DisableKey", ref, change)
+
+    def _set_usable_all(self, record: KeyRecord, usable: bool) -> None:
+        """Switch every version of a key in the HSM on or off.
+
+        A version whose material is gone from the HSM (an HSM that lost an
+        object, e.g. SoftHSM2 killed while rewriting it) can be used by nobody
+        either way; it is skipped, so that it cannot keep the files of the
+        other versions locked up.  Any other HSM failure stops the change.
+        """
+        for version in record.Versions:
+            try:
+                self.keystore.set_usable(record.key_uuid, version, usable)
+            except HsmKeyMissing as exc:
+                log.error("CMK %s version %d is missing from the HSM (its files are unreadable); "
+                          "switching the other versions: %s", record.KeyId, version, exc)
 
     def schedule_deletion(self, caller: Caller | None, ref: str, days: int) -> None:
         if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
@@ -311,8 +325,7 @@ class KeyService:
                 raise KmsError(errno.EPERM, "the default key for new files cannot be deleted; change default-key first")
             if record.KeyState == PENDING_DELETE:
                 raise invalid("deletion is already scheduled; cancel it first to change the date")
-            for version in record.Versions:
-                self.keystore.set_usable(record.key_uuid, version, False)
+            self._set_usable_all(record, False)
             record.KeyState = PENDING_DELETE
             record.DeletionDate = int(time.time()) + days * DAY
 
@@ -506,6 +519,8 @@ class KeyService:
                                          blob[:_BLOB.size] + context)
         except HsmError as exc:
             self.audit(caller, operation, record.KeyId, "failed", str(exc))
+            if isinstance(exc, HsmUnavailable):  # not the caller's fault: no EINVAL
+                raise KmsError(exc.errno, str(exc), audited=True) from exc
             raise KmsError(errno.EINVAL if exc.errno == errno.EIO else exc.errno,
                            "decryption failed: wrong ciphertext or encryption context", audited=True) from exc
         return record, plain
@@ -528,7 +543,7 @@ class KeyService:
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
                 raise invalid("NumberOfBytes must be an integer from 1 to 1024")
             size = n
-        elif spec in sizes:
+        elif isinstance(spec, str) and spec in sizes:  # a list or object as KeySpec is no key (unhashable)
             size = sizes[spec]
         else:
             raise invalid("KeySpec must be AES_256 or AES_128")
@@ -593,6 +608,8 @@ class KeyService:
                 raise KmsError(errno.EPERM, f"the key is {record.KeyState}; material can only be imported once")
             try:
                 self.keystore.import_key(record.key_uuid, 1, wrapped)
+            except HsmUnavailable:
+                raise  # EIO, as for every other request while the HSM does not answer
             except HsmError as exc:
                 raise invalid(str(exc)) from exc
             record.Versions = [1]
@@ -646,8 +663,10 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         raise invalid("request larger than 64 KiB")
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid(f"request is not a JSON object: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not UTF-8, not JSON, or an integer of more than 4300 digits;
+        # RecursionError: arrays or objects nested thousands deep.
+        raise invalid(f"request is not a JSON object: {str(exc)[:200]}") from None
     if not isinstance(value, dict):
         raise invalid("request must be a JSON object")
     return value

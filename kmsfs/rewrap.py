@@ -18,8 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from .envelope import Envelope, HeaderError
-from .keyregistry import KeyRecord
+from .envelope import Envelope, HeaderError, KeyUnusable
+from .keyregistry import KeyNotFound, KeyRecord
 from .keystore import HsmError
 from .kms import RewrapProgress
 from .treewalk import iter_regular_files
@@ -66,6 +66,12 @@ def rewrap_key(backing: Path, envelope: Envelope, key: KeyRecord, progress: Rewr
             finally:
                 os.close(fd)
         progress.state = "done" if progress.failed == 0 else "failed"
+    except (KeyUnusable, KeyNotFound) as exc:
+        # The key was disabled or deleted meanwhile (through a mount or the CLI):
+        # an expected end, not a bug.  The files done so far stay done.
+        progress.state = "failed"
+        progress.error = str(exc)
+        log.error("rewrap of key %s stopped: %s", key.KeyId, exc)
     except Exception as exc:
         progress.state = "failed"
         progress.error = str(exc)

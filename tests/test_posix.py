@@ -14,6 +14,7 @@ import json
 import os
 import random
 import select
+import shutil
 import socket
 import stat
 import subprocess
@@ -24,7 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs.format import BLOCK_OVERHEAD, DEFAULT_BLOCK_SIZE, ciphertext_size, parse_header
+from kmsfs.format import (
+    BLOCK_OVERHEAD,
+    DEFAULT_BLOCK_SIZE,
+    ciphertext_size,
+    parse_header,
+)
 
 B = DEFAULT_BLOCK_SIZE
 
@@ -53,6 +59,11 @@ def names(directory) -> list:
     """os.listdir of a directory in the mount, without the virtual control directory."""
     control = os.fsencode(CONTROL) if isinstance(directory, bytes) else CONTROL
     return sorted(n for n in os.listdir(directory) if n != control)
+
+
+def read_all(path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 def oserror(fn, *args, **kwargs) -> int:
@@ -367,14 +378,14 @@ def test_names_with_spaces_newlines_and_non_utf8(mounted):
     assert listed == set(created)
     assert set(os.listdir(backing)) - {b".kmsfs.d"} == set(created)
     for i, name in enumerate(created):
-        assert open(os.path.join(mnt, name), "rb").read() == name * (i + 1)
+        assert read_all(os.path.join(mnt, name)) == name * (i + 1)
         assert os.stat(os.path.join(mnt, name)).st_size == len(name) * (i + 1)
     # Directories with such names, renames between such names.
     d = os.path.join(mnt, b"dir \xff\nname")
     os.mkdir(d)
     os.rename(os.path.join(mnt, b"bad\xff\xfeutf8"), os.path.join(d, b"moved \xfe"))
     assert os.listdir(d) == [b"moved \xfe"]
-    assert open(os.path.join(d, b"moved \xfe"), "rb").read() == b"bad\xff\xfeutf8" * 6
+    assert read_all(os.path.join(d, b"moved \xfe")) == b"bad\xff\xfeutf8" * 6
 
 
 def test_name_length_limits(mounted):
@@ -383,7 +394,7 @@ def test_name_length_limits(mounted):
     with open(os.path.join(mnt, longest), "wb") as fh:
         fh.write(b"255")
     assert names(mnt) == [longest]
-    assert open(os.path.join(mnt, longest), "rb").read() == b"255"
+    assert read_all(os.path.join(mnt, longest)) == b"255"
     os.mkdir(os.path.join(mnt, b"d" * 255))
     os.symlink(b"t" * 255, os.path.join(mnt, b"s" * 255))
     assert os.readlink(os.path.join(mnt, b"s" * 255)) == b"t" * 255
@@ -394,7 +405,7 @@ def test_name_length_limits(mounted):
     assert len(name) == 255
     with open(os.path.join(mnt, name), "wb") as fh:
         fh.write(b"ok")
-    assert open(os.path.join(mnt, name), "rb").read() == b"ok"
+    assert read_all(os.path.join(mnt, name)) == b"ok"
 
 
 def test_created_file_modes_honour_umask(mounted):
@@ -633,7 +644,7 @@ def test_fifo_works_as_a_fifo(mounted):
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert stat.S_ISFIFO((mounted.store.backing / "pipe").stat().st_mode)
     payload = b"through the fifo\n" * 10000  # more than a pipe buffer holds
-    errors: list[BaseException] = []
+    errors: list[OSError] = []
     # The read end first, without blocking, so that nothing can hang.
     rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
 
@@ -641,7 +652,7 @@ def test_fifo_works_as_a_fifo(mounted):
         try:
             with open(fifo, "wb") as fh:
                 fh.write(payload)
-        except BaseException as exc:  # pragma: no cover - reported below
+        except OSError as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     thread = threading.Thread(target=writer, daemon=True)
@@ -700,7 +711,7 @@ def test_statfs_is_sane(mounted):
     assert sv.f_files >= sv.f_ffree >= 0
     assert sv.f_namemax == backing.f_namemax == 255
     assert sv.f_blocks * sv.f_frsize == backing.f_blocks * backing.f_frsize
-    total, used, free = __import__("shutil").disk_usage(mounted.path)
+    total, _, free = shutil.disk_usage(mounted.path)
     assert total > 0 and 0 <= free <= total
 
 

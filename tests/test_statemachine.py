@@ -19,16 +19,21 @@ import os
 import random
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from conftest import Mount, Store, make_store
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
 )
-
-from conftest import Mount, Store, make_store
 
 B = 4096
 
@@ -311,8 +316,9 @@ def test_kmsfs_behaves_like_a_plain_directory(tmp_path: Path) -> None:
         # Every example removed its tree; only the virtual control directory may remain.
         assert [n for n in os.listdir(holder.mountpoint) if n != ".kmsfs"] == []
         assert sorted(os.listdir(store.backing)) == [".kmsfs.d"]
-        log = "".join(m.log() for m in store.mounts)
-        assert "unexpected error" not in log, log[-5000:]
+        # No request was answered with an error that the daemon logs (EIO and the like).
+        errors = [line for m in store.mounts for line in m.log().splitlines() if " ERROR " in line]
+        assert not errors, "\n".join(errors[:20])
     finally:
         KmsfsVersusPlainDirectory.holder = None
         for m in store.mounts:
