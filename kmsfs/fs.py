@@ -708,7 +708,22 @@ class KmsfsOperations(pyfuse3.Operations):
             else:  # someone opened it between our create and now (another link)
                 os.close(fd)
                 inode.open_file.handles += 1
-        fh = await self._open_handle(inode, flags, ctx)
+        try:
+            fh = await self._open_handle(inode, flags, ctx)
+        except BaseException:
+            # Refused after all (its key was disabled meanwhile, say): the caller
+            # gets the error, so the new file must not stay behind, and the
+            # references taken above go, as the kernel never saw this entry.
+            async with inode.lock:
+                self._release_open(inode)
+            try:
+                now = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    os.unlink(name, dir_fd=parent.fd)
+            except OSError:
+                log.warning("could not remove %s after its create failed", self._path_for_log(parent), exc_info=True)
+            self._forget_one(inode, 1)
+            raise
         async with inode.lock:
             self._release_open(inode)  # _open_handle took its own reference
         inode.cache_stamp = _stamp(os.fstat(inode.fd))

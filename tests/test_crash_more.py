@@ -35,6 +35,7 @@ model; test_lifecycle.py kills it during a rewrap.  Here:
   enables a key.  Each operation takes a lock per name it touches and, under
   it, a number from one global sequence; replaying the merged log on a plain
   directory must give every result (data read, errno) and the final tree.
+  And creates racing disables: a create refused with EACCES leaves no file.
 
 Sizes scale with KMSFS_SOAK_SCALE (scripts/soak), seeds with KMSFS_SOAK_SEED.
 """
@@ -563,7 +564,10 @@ WB_WORKER = WB_OPS + textwrap.dedent("""
             if op[0] == "fsync":
                 os.fsync(fd)
             else:
-                assert os.pwrite(fd, op[2], op[1]) == len(op[2])
+                written = os.pwrite(fd, op[2], op[1])
+                if written != len(op[2]):  # the daemon died inside this write(2)
+                    sys.stderr.write(f"SHORT {written} of {len(op[2])}\\n")
+                    sys.exit(3)
             print(n, flush=True)  # acknowledged (an fsync: everything before it is durable)
     except OSError as exc:
         sys.stderr.write(f"ERRNO {exc.errno} {exc}\\n")
@@ -1275,6 +1279,70 @@ def test_eight_processes_and_key_changes_match_a_serialised_history(store, tmp_p
     m.unmount()
     m = store.mount()
     assert tree(m.path) == expected  # all of it was really stored
+    m.unmount()
+    code, report = fsck(store)
+    assert code == 0, report
+
+
+RACING_CREATOR = textwrap.dedent("""
+    import errno, json, os, sys, time
+    top, me, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        name = f"c{me}-{i}"
+        i += 1
+        try:
+            fd = os.open(os.path.join(top, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError as exc:
+            print(json.dumps([name, exc.errno]), flush=True)
+            continue
+        try:
+            os.write(fd, name.encode() * 100)
+            result = 0
+        except OSError as exc:
+            result = -exc.errno  # created, then the write was refused
+        finally:
+            os.close(fd)
+        print(json.dumps([name, result]), flush=True)
+""")
+
+
+def test_creates_racing_a_disable_leave_no_file_when_refused(store):
+    """A create refused with EACCES because its key was disabled a moment before
+    must leave no file behind (it once did, when the disable landed between the
+    wrap of the new DEK and the open of the new file)."""
+    m = store.mount()
+    create_key(m, "proj")
+    d = key_dir(m, "p", "proj")
+    seconds = 1.5 * SCALE
+    creators = [spawn(RACING_CREATOR, d, i, seconds) for i in range(4)]
+    reports = [Reports(p) for p in creators]
+    toggles = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for state in ("Disabled", "Enabled"):
+                write_ctl(kpath(m, "proj", "state"), state)
+                time.sleep(random.random() * 0.01)
+            toggles += 1
+    finally:
+        write_ctl(kpath(m, "proj", "state"), "Enabled")
+        errs = [wait_stop(p, 60) for p in creators]
+        lines = [line for r in reports for line in r.finish()]
+    assert all(p.returncode == 0 for p in creators), errs
+    results = dict(json.loads(line) for line in lines)
+    assert set(results.values()) <= {0, errno.EACCES, -errno.EACCES}, set(results.values())
+    made = {name for name, code in results.items() if code <= 0}  # the create returned a file
+    refused = {name for name, code in results.items() if code == errno.EACCES}
+    assert refused, f"no create was refused in {toggles} disables"
+    time.sleep(1.1)  # past the entry timeout: a negative dentry would hide a leftover file
+    on_disk = set(os.listdir(d))
+    assert on_disk == made, f"refused creates left files: {sorted(on_disk - made)[:10]}; lost: {sorted(made - on_disk)[:10]}"
+    for name, code in results.items():
+        if code == 0:
+            assert (d / name).read_bytes() == name.encode() * 100
+    assert not daemon_errors(m, allowed=("is Disabled", "refuses to")), "\n".join(daemon_errors(m))[-3000:]
     m.unmount()
     code, report = fsck(store)
     assert code == 0, report
