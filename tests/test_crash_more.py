@@ -901,9 +901,11 @@ def expected_fsck_damage(store: Store, contents: dict[str, bytes], metas: dict[s
         alias = rel.split("/")[0]
         key_id, version = header_version(store, rel)
         flags = hsm_all.get(key_id, {}).get(version)
-        if flags is None:
+        if reg[alias]["KeyState"] != "Enabled":
+            expected[rel] = "key disabled"  # checked first, before the HSM is asked
+        elif flags is None:
             expected[rel] = "destroyed key"  # its material is gone from the HSM
-        elif reg[alias]["KeyState"] != "Enabled" or not flags["decrypt"]:
+        elif not flags["decrypt"]:
             expected[rel] = "key disabled"
     return expected
 
