@@ -262,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use an existing token: 'pkcs11:token=LABEL?module-path=/path/module.so"
                         "&pin-source=file:/path/to/pin' (RFC 7512)")
     p.add_argument("--block-size", type=int, metavar="BYTES",
-                   help="content block size, a power of two from 4096 to 1048576 (default 4096)")
+                   help="on-disk content block size, a power of two from 4096 to 1048576 (default "
+                        "4096: one page, so a crash never tears a block); each block holds this "
+                        "many bytes minus 28 (nonce and tag) of file data")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(

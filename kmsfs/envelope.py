@@ -14,7 +14,7 @@ import os
 import uuid
 
 from .contentcrypt import ContentCipher
-from .format import DEK_SIZE, FILE_ID_SIZE, FormatError, Header, header_prefix, parse_header
+from .format import DEK_SIZE, FILE_ID_SIZE, FORMAT_VERSION, FormatError, Header, header_prefix, parse_header
 from .keyregistry import ENABLED, KeyRecord, KeyRegistry
 from .keystore import KeyStore
 
@@ -34,10 +34,13 @@ class HeaderError(Exception):
 
 
 class Envelope:
-    def __init__(self, keystore: KeyStore, registry: KeyRegistry, block_size: int) -> None:
+    def __init__(self, keystore: KeyStore, registry: KeyRegistry, block_size: int,
+                 format_version: int = FORMAT_VERSION) -> None:
         self.keystore = keystore
         self.registry = registry
         self.block_size = block_size
+        #: The store's format: new files get headers of this version.
+        self.format_version = format_version
 
     def seal_new(self, key: KeyRecord, context: bytes) -> tuple[Header, ContentCipher]:
         """A header for a new file under ``key``'s newest version, and its cipher."""
@@ -45,9 +48,11 @@ class Envelope:
         dek = os.urandom(DEK_SIZE)
         file_id = os.urandom(FILE_ID_SIZE)
         key_uuid = key.key_uuid
-        prefix = header_prefix(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context)
+        version = self.format_version
+        prefix = header_prefix(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context, version)
         nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
-        header = Header(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context, nonce, wrapped)
+        header = Header(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context, nonce, wrapped,
+                        version)
         return header, ContentCipher(dek, file_id, self.block_size)
 
     def parse(self, raw: bytes) -> Header:
@@ -77,10 +82,11 @@ class Envelope:
             old_uuid, header.key_version, header.wrap_nonce, header.wrapped_dek, header.prefix()
         )
         key_uuid = key.key_uuid
-        prefix = header_prefix(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion, header.context)
+        prefix = header_prefix(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion,
+                               header.context, header.version)
         nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
         return Header(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion,
-                      header.context, nonce, wrapped)
+                      header.context, nonce, wrapped, header.version)
 
     @staticmethod
     def _require_enabled(key: KeyRecord) -> None:

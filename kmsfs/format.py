@@ -1,4 +1,4 @@
-"""The kmsfs on-disk format, version 1: pure data layout, no I/O.
+"""The kmsfs on-disk format, versions 1 and 2: pure data layout, no I/O.
 
 This module is the single source of truth for the byte layout described in
 ``docs/format.md``.  Everything here is deterministic and side-effect free so
@@ -8,9 +8,9 @@ File header (xattr ``user.kmsfs`` on every regular backing file), big-endian::
 
     offset  size  field
     0       4     magic            b"KMSF"
-    4       1     version          1
+    4       1     version          2 (1 is still read and written, see below)
     5       1     flags            0 (reserved; non-zero is refused)
-    6       1     block_size_log2  12..20 (block size 4 KiB .. 1 MiB)
+    6       1     block_size_log2  12..20: the block geometry, see below
     7       1     reserved         0
     8       16    file_id          random, os.urandom(16)
     24      16    key_id           CMK id (UUID bytes)
@@ -33,6 +33,17 @@ with associated data ``file_id (16) || block_number (8, big-endian)``.  The
 plaintext size therefore follows from the ciphertext size alone.  A block that
 is entirely zero bytes on disk and has the full ciphertext length is a hole
 (sparse region) and reads as zeros; see docs/threat-model.md.
+
+The two versions differ only in what ``block_size_log2`` measures:
+
+* version 2: the *ciphertext* block is ``2**log2`` bytes, so the plaintext
+  block is ``2**log2 - 28`` (4068 for the default 4096).  With 4 KiB blocks
+  every ciphertext block is exactly one page at a page-aligned offset, and
+  Linux copies a write into the page cache page by page, checking for a fatal
+  signal only between pages: a kill -9 of the daemon can therefore stop a
+  write only at a block boundary, never inside a block.
+* version 1: the *plaintext* block is ``2**log2`` bytes (ciphertext 4124 for
+  4096), so blocks straddle pages and a kill -9 inside a write can tear one.
 """
 
 from __future__ import annotations
@@ -42,9 +53,10 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"KMSF"
-FORMAT_VERSION = 1
-#: Versions this code can read.  Anything else is refused, never guessed at.
-SUPPORTED_VERSIONS = frozenset({FORMAT_VERSION})
+#: The version of new stores (and so of their files).
+FORMAT_VERSION = 2
+#: Versions this code reads and writes.  Anything else is refused, never guessed at.
+SUPPORTED_VERSIONS = frozenset({1, 2})
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -56,7 +68,8 @@ KEY_ID_SIZE = 16
 
 MIN_BLOCK_SIZE_LOG2 = 12
 MAX_BLOCK_SIZE_LOG2 = 20
-DEFAULT_BLOCK_SIZE = 4096
+#: The on-disk (ciphertext) block size of new stores: one page.
+DEFAULT_DISK_BLOCK_SIZE = 4096
 
 #: The encryption context is given by users as JSON of at most this many characters.
 MAX_CONTEXT_CHARS = 1024
@@ -77,20 +90,51 @@ class UnsupportedVersion(FormatError):
     """A structure of a format version this code does not read."""
 
 
-def block_size_from_log2(log2: int) -> int:
+def block_size_from_log2(log2: int, version: int = FORMAT_VERSION) -> int:
+    """The plaintext block size that ``block_size_log2`` stands for in ``version``."""
     if not MIN_BLOCK_SIZE_LOG2 <= log2 <= MAX_BLOCK_SIZE_LOG2:
         raise FormatError(f"block size 2**{log2} out of range")
-    return 1 << log2
+    return (1 << log2) - (BLOCK_OVERHEAD if version >= 2 else 0)
 
 
-def block_size_log2(block_size: int) -> int:
-    log2 = block_size.bit_length() - 1
-    if block_size <= 0 or block_size != 1 << log2 or not MIN_BLOCK_SIZE_LOG2 <= log2 <= MAX_BLOCK_SIZE_LOG2:
+def block_size_log2(block_size: int, version: int = FORMAT_VERSION) -> int:
+    """The ``block_size_log2`` field for plaintext blocks of ``block_size`` bytes."""
+    nominal = block_size + (BLOCK_OVERHEAD if version >= 2 else 0)
+    log2 = nominal.bit_length() - 1
+    if block_size <= 0 or nominal != 1 << log2 or not MIN_BLOCK_SIZE_LOG2 <= log2 <= MAX_BLOCK_SIZE_LOG2:
+        if version >= 2:
+            raise FormatError(
+                f"block size {block_size} + {BLOCK_OVERHEAD} must be a power of two from "
+                f"{1 << MIN_BLOCK_SIZE_LOG2} to {1 << MAX_BLOCK_SIZE_LOG2}"
+            )
         raise FormatError(
             f"block size {block_size} must be a power of two from "
             f"{1 << MIN_BLOCK_SIZE_LOG2} to {1 << MAX_BLOCK_SIZE_LOG2}"
         )
     return log2
+
+
+def disk_block_size(block_size: int, version: int = FORMAT_VERSION) -> int:
+    """The power of two that names a store's geometry (its I/O size hint)."""
+    return 1 << block_size_log2(block_size, version)
+
+
+def plaintext_block_for_disk_block(disk_block: int, version: int = FORMAT_VERSION) -> int:
+    """The plaintext block size of a new store whose blocks are ``disk_block`` bytes on disk.
+
+    ``disk_block`` is what ``kmsfs init --block-size`` takes: a power of two.
+    """
+    log2 = disk_block.bit_length() - 1
+    if disk_block <= 0 or disk_block != 1 << log2 or not MIN_BLOCK_SIZE_LOG2 <= log2 <= MAX_BLOCK_SIZE_LOG2:
+        raise FormatError(
+            f"block size {disk_block} must be a power of two from "
+            f"{1 << MIN_BLOCK_SIZE_LOG2} to {1 << MAX_BLOCK_SIZE_LOG2}"
+        )
+    return block_size_from_log2(log2, version)
+
+
+#: The plaintext block size of new stores (4068: 4096 on disk).
+DEFAULT_BLOCK_SIZE = plaintext_block_for_disk_block(DEFAULT_DISK_BLOCK_SIZE)
 
 
 # --------------------------------------------------------------------------- context
@@ -171,9 +215,11 @@ class Header:
     context: bytes  # canonical JSON, b"" for none
     wrap_nonce: bytes
     wrapped_dek: bytes
+    version: int = FORMAT_VERSION
 
     def prefix(self) -> bytes:
-        return header_prefix(self.block_size, self.file_id, self.key_id, self.key_version, self.context)
+        return header_prefix(self.block_size, self.file_id, self.key_id, self.key_version, self.context,
+                             self.version)
 
     def to_bytes(self) -> bytes:
         return self.prefix() + self.wrap_nonce + self.wrapped_dek
@@ -184,9 +230,12 @@ class Header:
 
 
 def header_prefix(
-    block_size: int, file_id: bytes, key_id: bytes, key_version: int, context: bytes
+    block_size: int, file_id: bytes, key_id: bytes, key_version: int, context: bytes,
+    version: int = FORMAT_VERSION,
 ) -> bytes:
     """The header bytes before the wrap nonce: the associated data of the DEK wrap."""
+    if version not in SUPPORTED_VERSIONS:
+        raise FormatError(f"format version {version} is not supported")
     if len(file_id) != FILE_ID_SIZE:
         raise FormatError("file id must be 16 bytes")
     if len(key_id) != KEY_ID_SIZE:
@@ -197,7 +246,7 @@ def header_prefix(
         raise FormatError("encryption context too long")
     return (
         _FIXED.pack(
-            MAGIC, FORMAT_VERSION, 0, block_size_log2(block_size), 0,
+            MAGIC, version, 0, block_size_log2(block_size, version), 0,
             file_id, key_id, key_version, len(context),
         )
         + context
@@ -220,7 +269,7 @@ def parse_header(raw: bytes) -> Header:
     magic, version, flags, bs_log2, reserved, file_id, key_id, key_version, ctx_len = _FIXED.unpack_from(raw)
     if flags != 0 or reserved != 0:
         raise FormatError("header has unknown flags set")
-    block_size = block_size_from_log2(bs_log2)
+    block_size = block_size_from_log2(bs_log2, version)
     if key_version == 0:
         raise FormatError("header key version is 0")
     if ctx_len > MAX_CONTEXT_BYTES:
@@ -235,7 +284,7 @@ def parse_header(raw: bytes) -> Header:
     nonce = bytes(raw[pos:pos + NONCE_SIZE])
     pos += NONCE_SIZE
     wrapped = bytes(raw[pos:pos + WRAPPED_DEK_SIZE])
-    return Header(block_size, bytes(file_id), bytes(key_id), key_version, context, nonce, wrapped)
+    return Header(block_size, bytes(file_id), bytes(key_id), key_version, context, nonce, wrapped, version)
 
 
 # --------------------------------------------------------------------------- content geometry

@@ -37,7 +37,7 @@ from .cipherfile import CipherFile
 from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
-from .format import Header, canonical_context, parse_context, plaintext_size_lenient, FormatError
+from .format import Header, canonical_context, disk_block_size, parse_context, plaintext_size_lenient, FormatError
 from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
 from .keystore import HsmError
 from .kms import Caller, KeyService, KmsError, RewrapProgress
@@ -189,6 +189,8 @@ class KmsfsOperations(pyfuse3.Operations):
         self.envelope = envelope
         self.registry = registry
         self.block_size = block_size
+        # st_blksize: the power of two that names the geometry (a page for format 2).
+        self.io_block_size = disk_block_size(block_size, envelope.format_version)
         self.kms = kms
         self.control = ControlDir(kms, status, self._start_rewrap, self._invalidate_key)
         #: Set by the main loop: where background jobs (rewrap) run.
@@ -268,7 +270,7 @@ class KmsfsOperations(pyfuse3.Operations):
             entry.st_size = plaintext_size_lenient(st.st_size, self.block_size)
         else:
             entry.st_size = st.st_size
-        entry.st_blksize = self.block_size
+        entry.st_blksize = self.io_block_size
         entry.st_blocks = st.st_blocks
         entry.st_atime_ns = st.st_atime_ns
         entry.st_mtime_ns = st.st_mtime_ns
@@ -818,10 +820,11 @@ class KmsfsOperations(pyfuse3.Operations):
             header = self.envelope.parse(raw)
         except HeaderError as exc:
             raise HeaderError(f"{self._path_for_log(node)}: bad header: {exc}") from None
-        if header.block_size != self.block_size:
+        if header.block_size != self.block_size or header.version != self.envelope.format_version:
             raise HeaderError(
-                f"{self._path_for_log(node)}: header block size {header.block_size} differs "
-                f"from the store's {self.block_size}"
+                f"{self._path_for_log(node)}: header format {header.version} with block size "
+                f"{header.block_size} differs from the store's (format {self.envelope.format_version}, "
+                f"block size {self.block_size})"
             )
         try:
             cipher = await self._hsm(self.envelope.open, header)

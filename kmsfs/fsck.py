@@ -95,7 +95,7 @@ def open_store(backing: Path) -> tuple[KeyStore, Envelope]:
         keystore = KeyStore(config.uri(), config.hsm_env)
     except (StoreError, HsmError) as exc:
         raise FsckError(str(exc)) from None
-    return keystore, Envelope(keystore, KeyRegistry(backing), config.block_size)
+    return keystore, Envelope(keystore, KeyRegistry(backing), config.block_size, config.format_version)
 
 
 def check_store(backing: Path, progress: Callable[[int, str], None] | None = None) -> Report:
@@ -146,8 +146,9 @@ def _check_file(fd: int, shown: str, envelope: Envelope, report: Report) -> Dama
         header = envelope.parse(raw)
     except HeaderError as exc:
         return Damage(shown, WRONG_HEADER, str(exc))
-    if header.block_size != envelope.block_size:
-        return Damage(shown, WRONG_HEADER, f"block size {header.block_size} differs from the store's")
+    if header.block_size != envelope.block_size or header.version != envelope.format_version:
+        return Damage(shown, WRONG_HEADER, f"format {header.version} with block size {header.block_size} "
+                                           f"differs from the store's")
     try:
         cipher = envelope.open(header)
     except KeyNotFound as exc:

@@ -130,7 +130,7 @@ class DirectControl:
             raise CliError(str(exc)) from None
         registry = KeyRegistry(backing)
         self.kms = KeyService(backing, self.keystore, registry, admin_uid=os.getuid())
-        self.envelope = Envelope(self.keystore, registry, config.block_size)
+        self.envelope = Envelope(self.keystore, registry, config.block_size, config.format_version)
         self.backing = backing
         self.config = config
 

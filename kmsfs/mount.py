@@ -140,7 +140,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 f"the default CMK {default.KeyId} is not on token {uri.token!r}: "
                 f"is this the HSM the store was created with?"
             )
-        envelope = Envelope(keystore, registry, config.block_size)
+        envelope = Envelope(keystore, registry, config.block_size, config.format_version)
         kms = KeyService(backing, keystore, registry, admin_uid=os.getuid())
         kms.run_due()  # expired deletion windows and due rotations, before serving
 

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .format import DEFAULT_BLOCK_SIZE, FORMAT_VERSION, SUPPORTED_VERSIONS, block_size_log2, FormatError
+from .format import (
+    DEFAULT_DISK_BLOCK_SIZE, FORMAT_VERSION, SUPPORTED_VERSIONS, FormatError, block_size_log2,
+    plaintext_block_for_disk_block,
+)
 from .pkcs11uri import Pkcs11Uri
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,7 @@ class StoreConfig:
                 embedded_hsm=bool(hsm.get("embedded", False)),
                 format_version=version,
             )
-            block_size_log2(config.block_size)
+            block_size_log2(config.block_size, version)
         except (KeyError, TypeError, ValueError, FormatError) as exc:
             raise StoreError(f"{where} is damaged: {exc}") from exc
         return config
@@ -166,7 +169,7 @@ def save_config(backing: Path, config: StoreConfig) -> None:
     atomic_write(store_dir(backing) / CONFIG_NAME, (json.dumps(config.to_json(), indent=2) + "\n").encode())
 
 
-def validate_block_size(block_size: int | None) -> int:
-    size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    block_size_log2(size)
-    return size
+def validate_block_size(disk_block_size: int | None) -> int:
+    """The plaintext block size of a new store from ``init --block-size`` (the on-disk size)."""
+    size = DEFAULT_DISK_BLOCK_SIZE if disk_block_size is None else disk_block_size
+    return plaintext_block_for_disk_block(size, FORMAT_VERSION)

@@ -1,4 +1,9 @@
-"""Golden vectors and negative tests pinning the kmsfs v1 on-disk format.
+"""Golden vectors and negative tests pinning the kmsfs on-disk formats 1 and 2.
+
+Format 2 (new stores) differs from format 1 only in the meaning of the
+header's block_size_log2 byte: the ciphertext block is 2**log2 bytes (a page),
+where format 1 made the plaintext block 2**log2.  Both are read and written;
+each has its own golden vectors below.
 
 Everything here runs in-process and mounts nothing.  The hex literals were
 computed once and pasted: if one of them changes, the on-disk format changed,
@@ -47,8 +52,9 @@ from kmsfs.format import (
 
 from conftest import require_fuse_and_hsm
 
-B = 4096
+B = 4096  # format 1's default plaintext block
 CB = B + BLOCK_OVERHEAD
+B2 = 4096 - BLOCK_OVERHEAD  # format 2's default plaintext block: 4096 bytes on disk
 
 # --------------------------------------------------------------------------- (a) header golden vector
 
@@ -87,7 +93,7 @@ G_HEADER = bytes.fromhex(G_HEADER_HEX)
 
 
 def golden_header() -> Header:
-    return Header(B, G_FILE_ID, G_KEY_ID, G_KEY_VERSION, G_CONTEXT, G_NONCE, G_WRAPPED)
+    return Header(B, G_FILE_ID, G_KEY_ID, G_KEY_VERSION, G_CONTEXT, G_NONCE, G_WRAPPED, version=1)
 
 
 def test_golden_literal_is_consistent():
@@ -120,13 +126,13 @@ def test_prefix_is_the_exact_wrap_aad():
     h = parse_header(G_HEADER)
     assert h.prefix() == bytes.fromhex(G_PREFIX_HEX)
     assert h.prefix() == G_HEADER[:46 + 17]
-    assert header_prefix(B, G_FILE_ID, G_KEY_ID, G_KEY_VERSION, G_CONTEXT) == h.prefix()
+    assert header_prefix(B, G_FILE_ID, G_KEY_ID, G_KEY_VERSION, G_CONTEXT, 1) == h.prefix()
     # The AAD covers every field before the nonce; nothing after it.
     assert G_HEADER[len(h.prefix()):] == G_NONCE + G_WRAPPED
 
 
 def test_golden_header_without_context():
-    h = Header(1 << 20, bytes(16), b"\xff" * 16, 1, b"", b"\x01" * 12, b"\x02" * 48)
+    h = Header(1 << 20, bytes(16), b"\xff" * 16, 1, b"", b"\x01" * 12, b"\x02" * 48, version=1)
     raw = h.to_bytes()
     assert raw.hex() == (
         "4b4d5346" "01" "00" "14" "00" + "00" * 16 + "ff" * 16 + "00000001" "0000"
@@ -138,10 +144,11 @@ def test_golden_header_without_context():
 
 
 @pytest.mark.parametrize("log2", range(12, 21))
-def test_every_block_size_round_trips(log2):
-    h = Header(1 << log2, G_FILE_ID, G_KEY_ID, 7, b"", G_NONCE, G_WRAPPED)
+@pytest.mark.parametrize("version,overhead", [(1, 0), (2, BLOCK_OVERHEAD)])
+def test_every_block_size_round_trips(log2, version, overhead):
+    h = Header((1 << log2) - overhead, G_FILE_ID, G_KEY_ID, 7, b"", G_NONCE, G_WRAPPED, version=version)
     raw = h.to_bytes()
-    assert raw[6] == log2
+    assert raw[4] == version and raw[6] == log2
     assert parse_header(raw) == h
 
 
@@ -288,14 +295,29 @@ def test_ciphertext_size_is_valid_or_refused(ct, bs):
 @pytest.mark.parametrize("size", [0, 1, 2048, 3000, 4095, 4097, 6144, 1 << 21, 1 << 11, -4096])
 def test_bad_block_sizes(size):
     with pytest.raises(FormatError, match="power of two"):
-        fmt.block_size_log2(size)
+        fmt.block_size_log2(size, 1)
+    with pytest.raises(FormatError, match="power of two"):
+        fmt.block_size_log2(size - BLOCK_OVERHEAD, 2)
+    with pytest.raises(FormatError, match="power of two"):
+        fmt.plaintext_block_for_disk_block(size)
 
 
 def test_good_block_sizes():
-    assert [fmt.block_size_log2(1 << n) for n in range(12, 21)] == list(range(12, 21))
+    assert [fmt.block_size_log2(1 << n, 1) for n in range(12, 21)] == list(range(12, 21))
+    assert [fmt.block_size_log2((1 << n) - 28, 2) for n in range(12, 21)] == list(range(12, 21))
+    assert [fmt.block_size_from_log2(n, 1) for n in range(12, 21)] == [1 << n for n in range(12, 21)]
+    assert [fmt.block_size_from_log2(n, 2) for n in range(12, 21)] == [(1 << n) - 28 for n in range(12, 21)]
+    assert fmt.plaintext_block_for_disk_block(4096) == fmt.DEFAULT_BLOCK_SIZE == 4068
+    assert fmt.disk_block_size(4068, 2) == 4096 and fmt.disk_block_size(4096, 1) == 4096
+    # A power of two is not a format-2 plaintext block, and the reverse.
+    with pytest.raises(FormatError):
+        fmt.block_size_log2(4096, 2)
+    with pytest.raises(FormatError):
+        fmt.block_size_log2(4068, 1)
     for n in (11, 21, 0, 255):
-        with pytest.raises(FormatError):
-            fmt.block_size_from_log2(n)
+        for version in (1, 2):
+            with pytest.raises(FormatError):
+                fmt.block_size_from_log2(n, version)
 
 
 # --------------------------------------------------------------------------- (d) header negative tests
@@ -312,14 +334,14 @@ def test_wrong_magic():
         assert not isinstance(info.value, UnsupportedVersion)
 
 
-@pytest.mark.parametrize("version", [0, 2, 3, 127, 255])
+@pytest.mark.parametrize("version", [0, 3, 127, 255])
 def test_unsupported_versions(version):
     raw = patched(G_HEADER, 4, bytes([version]))
     with pytest.raises(UnsupportedVersion) as info:
         parse_header(raw)
     message = str(info.value)
     assert f"version {version} is not supported" in message
-    assert "reads 1" in message
+    assert "reads 1, 2" in message
     assert isinstance(info.value, FormatError)
     # Even a short header of another version says so, rather than "too short".
     with pytest.raises(UnsupportedVersion):
@@ -343,7 +365,7 @@ def test_key_version_zero():
     with pytest.raises(FormatError, match="key version is 0"):
         parse_header(patched(G_HEADER, 40, bytes(4)))
     with pytest.raises(FormatError):
-        header_prefix(B, G_FILE_ID, G_KEY_ID, 0, b"")
+        header_prefix(B, G_FILE_ID, G_KEY_ID, 0, b"", 1)
     # The largest version is fine.
     h = parse_header(patched(G_HEADER, 40, b"\xff" * 4))
     assert h.key_version == 2**32 - 1
@@ -750,7 +772,7 @@ def test_hsm_wrap_decrypts_in_software(hsm):
     assert nonce != HSM_NONCE  # fresh random nonce
     assert AESGCM(HSM_CMK).decrypt(nonce, sealed, h.prefix()) == HSM_DEK
     # And a header built from it parses and round-trips through the HSM.
-    h2 = Header(B, h.file_id, h.key_id, 1, b"", nonce, sealed)
+    h2 = Header(B, h.file_id, h.key_id, 1, b"", nonce, sealed, version=1)
     h3 = parse_header(h2.to_bytes())
     assert hsm.unwrap_dek(HSM_KEY_UUID, 1, h3.wrap_nonce, h3.wrapped_dek, h3.prefix()) == HSM_DEK
 
@@ -827,7 +849,7 @@ def test_envelope_opens_golden_header_and_decrypts_golden_block(hsm, tmp_path: P
         reg.default_key = record.KeyId
 
     registry.update(add)
-    envelope = Envelope(hsm, registry, B)
+    envelope = Envelope(hsm, registry, B, 1)
     header = envelope.parse(bytes.fromhex(HSM_HEADER_HEX))
     cipher = envelope.open(header)
     assert bytes(cipher.decrypt(bytes.fromhex(BLOCK0_HEX), 0)) == PLAIN
@@ -838,3 +860,171 @@ def test_envelope_opens_golden_header_and_decrypts_golden_block(hsm, tmp_path: P
     dek = AESGCM(HSM_CMK).decrypt(parsed.wrap_nonce, parsed.wrapped_dek, parsed.prefix())
     block = bytes(new_cipher.encrypt(b"hello", 0))
     assert AESGCM(dek).decrypt(block[:12], block[12:], parsed.file_id + bytes(8)) == b"hello"
+
+
+# =========================================================================== format 2
+#
+# Format 2 is format 1 with one change: block_size_log2 names the ciphertext
+# block (2**12 = 4096 bytes on disk, one page), so the plaintext block is
+# 4096 - 28 = 4068 bytes.  A kill -9 stops a write between pages, which are
+# now block boundaries: no block can be left half old, half new.
+
+G2_HEADER_HEX = (
+    "4b4d5346"                                  # magic "KMSF"
+    "02"                                        # version 2
+    "00"                                        # flags
+    "0c"                                        # block_size_log2 = 12: 4096 bytes on disk, 4068 of data
+    "00"                                        # reserved
+    "000102030405060708090a0b0c0d0e0f"          # file_id
+    "101112131415161718191a1b1c1d1e1f"          # key_id
+    "00000003"                                  # key_version 3
+    "0011"                                      # context_len 17
+    "7b2261223a2231222c2262223a2232227d"        # {"a":"1","b":"2"}
+    "a0a1a2a3a4a5a6a7a8a9aaab"                  # wrap_nonce
+    "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeef"
+)
+# As computed once by Header.to_bytes() when format 2 was introduced.
+G2_HEADER_HEX_COMPUTED = (
+    "4b4d534602000c00000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f0000000300117b"
+    "2261223a2231222c2262223a2232227da0a1a2a3a4a5a6a7a8a9aaabc0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2"
+    "d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeef"
+)
+
+
+def golden_header_v2() -> Header:
+    return Header(B2, G_FILE_ID, G_KEY_ID, G_KEY_VERSION, G_CONTEXT, G_NONCE, G_WRAPPED, version=2)
+
+
+def test_v2_golden_header():
+    assert G2_HEADER_HEX == G2_HEADER_HEX_COMPUTED
+    assert golden_header_v2().to_bytes().hex() == G2_HEADER_HEX
+    h = parse_header(bytes.fromhex(G2_HEADER_HEX))
+    assert h == golden_header_v2()
+    assert h.version == 2 and h.block_size == 4068
+    assert fmt.FORMAT_VERSION == 2 and Header(B2, G_FILE_ID, G_KEY_ID, 1, b"", G_NONCE, G_WRAPPED).version == 2
+
+
+def test_v1_and_v2_differ_only_in_the_version_byte_and_never_misread():
+    v1, v2 = bytes.fromhex(G_HEADER_HEX), bytes.fromhex(G2_HEADER_HEX)
+    assert [i for i in range(len(v1)) if v1[i] != v2[i]] == [4]
+    # The same block_size_log2 means a different plaintext block in each version,
+    # and the version byte is part of the wrap's associated data.
+    assert parse_header(v1).block_size == 4096 and parse_header(v2).block_size == 4068
+    assert parse_header(v1).prefix() != parse_header(v2).prefix()
+
+
+# One full format-2 block: 4068 bytes of plaintext fill exactly 4096 bytes.
+V2_PLAIN = (bytes(range(256)) * 16)[:B2]
+V2_BLOCK1_SHA256 = "f583d28379fd2cdfef7860ee0037d4ea31e6c91f8ee8ca627589ec46ed9a5c52"
+V2_BLOCK1_TAG = "261eb5862c6a93f5ce9ca20b6f93dd75"
+
+
+def test_v2_full_block_is_one_page(monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr("kmsfs.contentcrypt.os.urandom", lambda n: (NONCE_B0 * (n // 12))[:n])
+    cc = ContentCipher(DEK, FILE_ID0, B2)
+    block = bytes(cc.encrypt(V2_PLAIN, 1))
+    assert len(block) == 4096 == cc.ct_block_size
+    assert block[:12] == NONCE_B0 and block[-16:].hex() == V2_BLOCK1_TAG
+    assert hashlib.sha256(block).hexdigest() == V2_BLOCK1_SHA256
+    assert block == NONCE_B0 + AESGCM(DEK).encrypt(NONCE_B0, V2_PLAIN, FILE_ID0 + struct.pack(">Q", 1))
+    assert bytes(cc.decrypt(block, 1)) == V2_PLAIN
+    with pytest.raises(BlockAuthError):
+        cc.decrypt(block, 0)
+    # Every block of a multi-block run starts on a page boundary.
+    run = bytes(cc.encrypt(V2_PLAIN * 3 + b"tail", 0))
+    assert len(run) == 3 * 4096 + 4 + BLOCK_OVERHEAD
+    assert bytes(cc.decrypt(run[4096:8192], 1)) == V2_PLAIN
+    assert bytes(cc.decrypt(run[3 * 4096:], 3)) == b"tail"
+
+
+V2_SIZE_TABLE = [
+    (0, 0),
+    (29, 1),
+    (4095, B2 - 1),
+    (4096, B2),
+    (4096 + 29, B2 + 1),
+    (2 * 4096, 2 * B2),
+    (1000 * 4096, 1000 * B2),
+]
+
+
+@pytest.mark.parametrize("ct,pt", V2_SIZE_TABLE)
+def test_v2_size_table(ct, pt):
+    assert plaintext_size(ct, B2) == pt
+    assert ciphertext_size(pt, B2) == ct
+    assert plaintext_size_lenient(ct, B2) == pt
+
+
+@pytest.mark.parametrize("rest", range(1, BLOCK_OVERHEAD + 1))
+def test_v2_invalid_sizes_are_refused(rest):
+    with pytest.raises(FormatError, match="not a valid kmsfs size"):
+        plaintext_size(4096 * 5 + rest, B2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(plain=st.integers(0, 1 << 40), log2=st.integers(12, 20))
+def test_v2_full_blocks_are_exact_powers_of_two(plain, log2):
+    bs = fmt.block_size_from_log2(log2, 2)
+    ct = ciphertext_size(plain, bs)
+    assert plaintext_size(ct, bs) == plain
+    # Every block boundary on disk is a multiple of 2**log2 (a page for 4 KiB).
+    assert ciphertext_size(plain // bs * bs, bs) % (1 << log2) == 0
+
+
+# A complete format-2 header for the HSM tests: the wrap's tag differs from the
+# format-1 one because the version byte is in its associated data.
+HSM_HEADER_V2_HEX = (
+    "4b4d534602000c00" + "00" * 16 + "00112233445566778899aabbccddeeff" + "00000001" + "0000"
+    + "a0a1a2a3a4a5a6a7a8a9aaab"
+    + "d78e043ce6ee9a2a71664bf585b13ef9ff06e7d4f87a933afac5f481f5df60e7"  # wrapped DEK
+    + "ed9903961849c5d6e0e8cbe3d2ec591f"                                   # its tag
+)
+
+
+def test_hsm_v2_header_golden_is_software_aesgcm():
+    h = parse_header(bytes.fromhex(HSM_HEADER_V2_HEX))
+    assert h.version == 2 and h.block_size == B2
+    assert AESGCM(HSM_CMK).encrypt(HSM_NONCE, HSM_DEK, h.prefix()) == h.wrapped_dek
+
+
+def test_hsm_refuses_a_v1_header_relabelled_as_v2(hsm):
+    from kmsfs.keystore import HsmUnwrapFailed
+
+    v2 = parse_header(bytes.fromhex(HSM_HEADER_V2_HEX))
+    assert hsm.unwrap_dek(HSM_KEY_UUID, 1, v2.wrap_nonce, v2.wrapped_dek, v2.prefix()) == HSM_DEK
+    # The format-1 header's wrapped DEK under a format-2 prefix (and the reverse).
+    v1 = golden_hsm_header()
+    with pytest.raises(HsmUnwrapFailed):
+        hsm.unwrap_dek(HSM_KEY_UUID, 1, v1.wrap_nonce, v1.wrapped_dek, v2.prefix())
+    with pytest.raises(HsmUnwrapFailed):
+        hsm.unwrap_dek(HSM_KEY_UUID, 1, v2.wrap_nonce, v2.wrapped_dek, v1.prefix())
+
+
+def test_envelope_of_a_v2_store_seals_v2_headers(hsm, tmp_path: Path):
+    from kmsfs.envelope import Envelope
+    from kmsfs.keyregistry import KeyRegistry, new_key_record
+    from kmsfs.store import store_dir
+
+    store_dir(tmp_path).mkdir()
+    registry = KeyRegistry(tmp_path)
+    record = new_key_record("golden", "kmsfs")
+    record.KeyId = str(HSM_KEY_UUID)
+
+    def add(reg):
+        reg.keys[record.KeyId] = record
+        reg.default_key = record.KeyId
+
+    registry.update(add)
+    envelope = Envelope(hsm, registry, B2, 2)
+    header = envelope.parse(bytes.fromhex(HSM_HEADER_V2_HEX))
+    assert envelope.open(header).ct_block_size == 4096
+    new_header, cipher = envelope.seal_new(record, b"")
+    raw = new_header.to_bytes()
+    assert raw[4] == 2 and raw[6] == 12
+    assert parse_header(raw) == new_header and cipher.block_size == B2
+    # A rewrap keeps the header's version and geometry.
+    again = envelope.rewrap(parse_header(raw), record)
+    assert again.version == 2 and again.block_size == B2
+    assert bytes(envelope.open(again).decrypt(cipher.encrypt(b"x" * 5000, 0), 0)) == b"x" * 5000

@@ -53,7 +53,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 from conftest import IN_CI, Mount, Store, make_store
-from kmsfs.format import HEADER_MIN_SIZE, ciphertext_size, parse_header
+from kmsfs.format import DEFAULT_BLOCK_SIZE, HEADER_MIN_SIZE, ciphertext_size, parse_header
 from test_lifecycle import (
     OTHER_UID, USER_PYTHON, b64, create_key, ctl, info, kpath, open_mountpoint, read_ctl, require_other_uid,
     transact, write_ctl,
@@ -681,7 +681,7 @@ def _key_id_of(alias: str) -> Callable[[bytes, Env], bytes]:
 EIO = errno.EIO
 #: name: (mutation of a header with context HDR_CONTEXT, errno, words of the log line).
 #: Only cases test_tamper.py does not have (it flips a bit in each field, cuts or adds
-#: one byte, and sets version 0 and 2, the flags byte and block sizes 2**11 and 2**13).
+#: one byte, and sets versions 0, 1 and 3, the flags byte and block sizes 2**11 and 2**13).
 MALFORMED: dict[str, tuple[Callable[[bytes, Env], bytes], int, tuple[str, ...]]] = {
     "magic-only": (lambda r, e: r[:4], EIO, ("too short",)),
     "magic-and-version": (lambda r, e: r[:5], EIO, ("too short",)),
@@ -1082,7 +1082,7 @@ def test_a_tree_deeper_than_path_max_works_through_directory_descriptors(store):
     try:
         assert [os.fsencode(n) for n in os.listdir(bfd)] == [b"renamed \xff"]
         backing_data = read_at(bfd, b"renamed \xff")
-        assert len(backing_data) == ciphertext_size(len(content), 4096) and content[:64] not in backing_data
+        assert len(backing_data) == ciphertext_size(len(content), DEFAULT_BLOCK_SIZE) and content[:64] not in backing_data
         header = parse_header(os.getxattr(f"/proc/self/fd/{bfd}/".encode() + b"renamed \xff", HEADER))
         assert header.context == b'{"depth":"deep"}'
     finally:

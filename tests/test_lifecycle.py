@@ -347,7 +347,7 @@ def test_status_names_store_hsm_and_default_key_but_never_the_pin(mounted):
     status = json.loads((ctl(mounted) / "status").read_bytes())
     config = store_config(store)
     assert status["store_id"] == config["store_id"]
-    assert status["format_version"] == 1
+    assert status["format_version"] == 2 and status["block_size"] == 4068
     assert status["hsm"]["module"].endswith("libsofthsm2.so")
     assert status["hsm"]["token"] == "kmsfs-" + config["store_id"][:16]
     assert status["default_key"]["Alias"] == "kmsfs-default"

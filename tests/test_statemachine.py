@@ -26,6 +26,7 @@ from typing import Any
 from conftest import Mount, Store, make_store
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from kmsfs.format import DEFAULT_BLOCK_SIZE
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -35,7 +36,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-B = 4096
+B = DEFAULT_BLOCK_SIZE  # block boundaries are where the edge cases are
 
 FILE_NAMES = ["a", "b", "c", "d", "e"]
 DIR_NAMES = ["x", "y"]
