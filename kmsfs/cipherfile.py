@@ -6,8 +6,12 @@ keep no state besides the fd and the cipher, so the backing file is always
 the truth (its size gives the plaintext size).
 
 Crash safety: every update leaves the file a valid sequence of blocks at each
-step.  A write replaces whole blocks in place with one pwrite; a truncate
-first cuts the file at a block boundary and then writes the new last block.
+step.  A write replaces whole blocks in place with one pwrite; in format 2 a
+block is one page, and a killed daemon's pwrite stops only between pages, so
+no block is ever half written.  A truncate into the middle of a block cuts
+the file at the block's start and then writes the new last block; the
+block is saved in an intent record first (kmsfs/truncation.py), so that a
+crash in between loses nothing.
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ import os
 
 from .contentcrypt import BlockAuthError, ContentCipher
 from .format import BLOCK_OVERHEAD, ciphertext_size, plaintext_size_lenient
+from .truncation import TruncationJournal
 
 
 class CipherFile:
-    __slots__ = ("fd", "cipher", "bs", "cbs")
+    __slots__ = ("fd", "cipher", "bs", "cbs", "journal")
 
-    def __init__(self, fd: int, cipher: ContentCipher) -> None:
+    def __init__(self, fd: int, cipher: ContentCipher, journal: TruncationJournal | None = None) -> None:
         self.fd = fd
         self.cipher = cipher
         self.bs = cipher.block_size
         self.cbs = cipher.ct_block_size
+        #: Where truncates into a block keep their intent record; None: no crash protection.
+        self.journal = journal
 
     # ------------------------------------------------------------------ sizes
 
@@ -121,8 +128,15 @@ class CipherFile:
             os.ftruncate(self.fd, last * self.cbs)
             return
         kept = bytes(self._read_block(last)[:rest])
-        os.ftruncate(self.fd, last * self.cbs)
-        self._pwrite_all(self.cipher.encrypt(kept, last), last * self.cbs)
+        block = bytes(self.cipher.encrypt(kept, last))
+        offset = last * self.cbs
+        if self.journal is None:
+            os.ftruncate(self.fd, offset)
+            self._pwrite_all(block, offset)
+            return
+        with self.journal.intent(self.fd, self.cipher.file_id, offset, block):
+            os.ftruncate(self.fd, offset)
+            self._pwrite_all(block, offset)
 
     def _extend(self, size: int, new_size: int) -> None:
         """Grow with zeros; whole zero blocks become holes in the backing file."""

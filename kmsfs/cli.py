@@ -184,6 +184,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             print(f"{_printable_path(damage.path)}: {damage.cause}{blocks}: {_printable_path(damage.detail)}")
         if report.stripped_xattrs:
             print(f"kmsfs fsck: {STRIPPED_XATTRS_MESSAGE}")
+        if report.pending_truncates:
+            print(f"kmsfs fsck: {report.pending_truncates} truncate(s) interrupted by a crash are saved in "
+                  f".kmsfs.d/truncating/; the next kmsfs mount completes them (nothing is lost)")
         state = "clean" if not report.damaged else f"{len(report.damaged)} damaged"
         print(f"kmsfs fsck: {report.files} files, {report.bytes} bytes checked: {state}")
     return EXIT_CLEAN if not report.damaged else EXIT_DAMAGE

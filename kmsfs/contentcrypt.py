@@ -42,6 +42,10 @@ class ContentCipher:
         self.ct_block_size = block_size + BLOCK_OVERHEAD
         self._zero_block = bytes(self.ct_block_size)
 
+    @property
+    def file_id(self) -> bytes:
+        return self._file_id
+
     def encrypt(self, plaintext: bytes | bytearray | memoryview, first_block: int) -> bytearray:
         """Encrypt ``plaintext`` as consecutive blocks starting at ``first_block``.
 

@@ -34,6 +34,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from .cipherfile import CipherFile
+from .truncation import TruncationJournal
 from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
@@ -191,6 +192,7 @@ class KmsfsOperations(pyfuse3.Operations):
         self.block_size = block_size
         # st_blksize: the power of two that names the geometry (a page for format 2).
         self.io_block_size = disk_block_size(block_size, envelope.format_version)
+        self.truncations = TruncationJournal(backing)
         self.kms = kms
         self.control = ControlDir(kms, status, self._start_rewrap, self._invalidate_key)
         #: Set by the main loop: where background jobs (rewrap) run.
@@ -705,7 +707,7 @@ class KmsfsOperations(pyfuse3.Operations):
         async with inode.lock:
             if inode.open_file is None:
                 # One reference of our own, dropped after _open_handle took the handle's.
-                inode.open_file = OpenFile(fd, header, CipherFile(fd, cipher), handles=1)
+                inode.open_file = OpenFile(fd, header, CipherFile(fd, cipher, self.truncations), handles=1)
                 inode.key_id = inode.open_file.key_id
             else:  # someone opened it between our create and now (another link)
                 os.close(fd)
@@ -830,7 +832,7 @@ class KmsfsOperations(pyfuse3.Operations):
             cipher = await self._hsm(self.envelope.open, header)
         except (HsmError, KeyNotFound, KeyUnusable) as exc:
             raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
-        return OpenFile(fd, header, CipherFile(fd, cipher))
+        return OpenFile(fd, header, CipherFile(fd, cipher, self.truncations))
 
     async def _give_header(self, node: Inode, open_file: OpenFile) -> None:
         """A header for an empty file that has none (created behind our back)."""
@@ -838,7 +840,7 @@ class KmsfsOperations(pyfuse3.Operations):
         header, cipher = await self._hsm(self.envelope.seal_new, key, b"")
         os.setxattr(open_file.fd, HEADER_XATTR, header.to_bytes())
         open_file.header = header
-        open_file.cipher_file = CipherFile(open_file.fd, cipher)
+        open_file.cipher_file = CipherFile(open_file.fd, cipher, self.truncations)
         node.key_id = open_file.key_id
 
     def _note_own_change(self, node: Inode) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
 from .format import ciphertext_block_size, plaintext_size, FormatError
+from .truncation import TruncationJournal
 from .keyregistry import KeyNotFound, KeyRegistry
 from .keystore import HsmError, HsmKeyRefused, HsmUnwrapFailed, KeyStore
 from .store import StoreError, load_config
@@ -64,6 +65,8 @@ class Report:
     damaged: list[Damage] = field(default_factory=list)
     headerless_nonempty: int = 0
     nonempty: int = 0
+    #: Truncates a killed daemon left unfinished; the next mount completes them.
+    pending_truncates: int = 0
 
     @property
     def stripped_xattrs(self) -> bool:
@@ -77,6 +80,7 @@ class Report:
             "clean": not self.damaged,
             "xattrs_stripped": self.stripped_xattrs,
             "damaged": [asdict(d) for d in self.damaged],
+            "pending_truncates": self.pending_truncates,
         }
 
 
@@ -106,7 +110,7 @@ def check_store(backing: Path, progress: Callable[[int, str], None] | None = Non
     except StoreError as exc:
         keystore.close()
         raise FsckError(str(exc)) from None
-    report = Report()
+    report = Report(pending_truncates=len(TruncationJournal(backing).pending()))
     try:
         for dir_fd, name, shown in iter_regular_files(backing):
             report.files += 1

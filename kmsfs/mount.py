@@ -26,6 +26,7 @@ from .kms import KeyService, KmsError
 from .pkcs11uri import Pkcs11Uri, UriError
 from .mounttable import is_mountpoint
 from .store import StoreError, check_user_xattrs, load_config, store_dir
+from .truncation import TruncationJournal
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,9 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
     module = Path(uri.module_path).resolve()
     if backing.resolve() in module.parents:
         raise MountError(f"refusing PKCS#11 module {uri.module_path}: it lies inside the backing store")
+    # A daemon killed inside a truncate left its intent record: finish it first.
+    for done in TruncationJournal(backing).complete_pending():
+        log.warning("after a crash: %s", done)
     keystore = KeyStore(uri, config.hsm_env)
     try:
         check_headers_present(backing)
