@@ -407,9 +407,12 @@ def _list_keys(c: ControlFiles) -> list[str]:
 def rekey(path: Path) -> int:
     """A fresh DEK for one file: copy it through the mount into a new file, then rename.
 
-    The new file gets a new random DEK and file id; the old ciphertext is gone
+    The new file is made in a private work directory next to the file whose
+    ``user.kmsfs.key`` and ``user.kmsfs.context`` are the old file's CMK and
+    encryption context, so it gets the same key (at its newest version) and the
+    same context, with a new random DEK and file id.  The old ciphertext is gone
     once the rename is done.  Mode, owner, times and user xattrs are kept.  A
-    crash leaves either the old or the new file (plus a temporary file).
+    crash leaves either the old or the new file (plus the work directory).
     """
     if not path.is_file() or path.is_symlink():
         raise CliError(f"{path} is not a regular file")
@@ -418,9 +421,19 @@ def rekey(path: Path) -> int:
     st = path.stat()
     if st.st_nlink > 1:
         raise CliError(f"{path} has {st.st_nlink} hard links; rekeying would split them")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.rekey.", dir=path.parent)
-    tmp = Path(tmp_name)
+    key = json.loads(os.getxattr(path, "user.kmsfs.key"))
     try:
+        context = os.getxattr(path, "user.kmsfs.context")
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+        context = b"{}"  # none: an explicitly empty context, so the directory's does not apply
+    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.rekey.", dir=path.parent))
+    tmp = workdir / "new"
+    try:
+        os.setxattr(workdir, "user.kmsfs.key", key["KeyId"].encode())
+        os.setxattr(workdir, "user.kmsfs.context", context)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
             total, done = st.st_size, 0
             while chunk := src.read(1 << 20):
@@ -432,16 +445,14 @@ def rekey(path: Path) -> int:
         for name in os.listxattr(path):
             if not name.startswith("user.kmsfs"):
                 os.setxattr(tmp, name, os.getxattr(path, name))
-        key = json.loads(os.getxattr(path, "user.kmsfs.key"))
-        os.setxattr(tmp, "user.kmsfs.key", key["KeyId"].encode())
         os.chmod(tmp, st.st_mode & 0o7777)
         if os.geteuid() == 0:
             os.chown(tmp, st.st_uid, st.st_gid)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+        workdir.rmdir()
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(f"{path}: new data key, content re-encrypted")

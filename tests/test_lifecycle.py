@@ -900,6 +900,33 @@ def test_rekey_gives_a_file_a_fresh_data_key(mounted):
     assert sorted(os.listdir(d)) == ["f"]
 
 
+def test_rekey_keeps_the_files_key_and_encryption_context(mounted):
+    """Not the directory's current ones: a rekey changes the data key and nothing else."""
+    store = mounted.store
+    create_key(mounted, "k")
+    create_key(mounted, "other")
+    d = key_dir(mounted, "d", "k")
+    os.setxattr(d, "user.kmsfs.context", b'{"dept":"finance"}')
+    data = os.urandom(9000)
+    (d / "f").write_bytes(data)
+    os.setxattr(d, "user.kmsfs.context", b'{}')  # explicitly none
+    (d / "plain").write_bytes(b"no context")
+    os.setxattr(d, "user.kmsfs.context", b'{"dept":"legal"}')
+    os.setxattr(d, "user.kmsfs.key", b"other")
+    before = backing_header(store, "d/f")
+    for name in ("f", "plain"):
+        cli(store, "key", "rekey", str(d / name))
+    after = backing_header(store, "d/f")
+    assert after.file_id != before.file_id
+    assert after.key_id == before.key_id and after.context == b'{"dept":"finance"}'
+    assert (d / "f").read_bytes() == data
+    assert os.getxattr(d / "f", "user.kmsfs.context") == b'{"dept":"finance"}'
+    plain = backing_header(store, "d/plain")
+    assert plain.context == b"" and json.loads(os.getxattr(d / "plain", "user.kmsfs.key"))["Alias"] == "k"
+    assert (d / "plain").read_bytes() == b"no context"
+    assert sorted(os.listdir(d)) == ["f", "plain"]
+
+
 # ====================================================================== persistence and sharing
 
 
