@@ -833,8 +833,8 @@ def test_hsm_destroyed_key_is_missing(hsm):
         hsm.unwrap(HSM_KEY_UUID, 99, h.wrap_nonce, h.wrapped_dek, h.prefix())
 
 
-def test_envelope_opens_golden_header_and_decrypts_golden_block(hsm, tmp_path: Path):
-    """The whole v1 read path on golden bytes: header -> HSM unwrap -> block."""
+def golden_envelope(hsm, tmp_path: Path, block_size: int, version: int):
+    """An envelope over the golden HSM key, registered as a store's default CMK."""
     from kmsfs.envelope import Envelope
     from kmsfs.keyregistry import KeyRegistry, new_key_record
     from kmsfs.store import store_dir
@@ -849,7 +849,12 @@ def test_envelope_opens_golden_header_and_decrypts_golden_block(hsm, tmp_path: P
         reg.default_key = record.KeyId
 
     registry.update(add)
-    envelope = Envelope(hsm, registry, B, 1)
+    return Envelope(hsm, registry, block_size, version), record
+
+
+def test_envelope_opens_golden_header_and_decrypts_golden_block(hsm, tmp_path: Path):
+    """The whole format-1 read path on golden bytes: header -> HSM unwrap -> block."""
+    envelope, record = golden_envelope(hsm, tmp_path, B, 1)
     header = envelope.parse(bytes.fromhex(HSM_HEADER_HEX))
     cipher = envelope.open(header)
     assert bytes(cipher.decrypt(bytes.fromhex(BLOCK0_HEX), 0)) == PLAIN
@@ -1003,21 +1008,7 @@ def test_hsm_refuses_a_v1_header_relabelled_as_v2(hsm):
 
 
 def test_envelope_of_a_v2_store_seals_v2_headers(hsm, tmp_path: Path):
-    from kmsfs.envelope import Envelope
-    from kmsfs.keyregistry import KeyRegistry, new_key_record
-    from kmsfs.store import store_dir
-
-    store_dir(tmp_path).mkdir()
-    registry = KeyRegistry(tmp_path)
-    record = new_key_record("golden", "kmsfs")
-    record.KeyId = str(HSM_KEY_UUID)
-
-    def add(reg):
-        reg.keys[record.KeyId] = record
-        reg.default_key = record.KeyId
-
-    registry.update(add)
-    envelope = Envelope(hsm, registry, B2, 2)
+    envelope, record = golden_envelope(hsm, tmp_path, B2, 2)
     header = envelope.parse(bytes.fromhex(HSM_HEADER_V2_HEX))
     assert envelope.open(header).ct_block_size == 4096
     new_header, cipher = envelope.seal_new(record, b"")
