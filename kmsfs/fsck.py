@@ -19,7 +19,7 @@ from pathlib import Path
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
 from .format import ciphertext_block_size, plaintext_size, FormatError
-from .keyregistry import KeyNotFound, KeyRegistry
+from .keyregistry import KeyNotFound, KeyRegistry, key_changes_settled
 from .keystore import HsmError, HsmKeyRefused, HsmUnwrapFailed, KeyStore
 from .store import StoreError, load_config
 from .treewalk import iter_regular_files
@@ -100,11 +100,16 @@ def open_store(backing: Path) -> tuple[KeyStore, Envelope]:
 
 def check_store(backing: Path, progress: Callable[[int, str], None] | None = None) -> Report:
     """Check everything; the caller turns the report into output and an exit code."""
-    keystore, envelope = open_store(backing)
     try:
-        envelope.registry.snapshot()
+        # Not in the middle of a key change (its helper may outlive a killed daemon).
+        with key_changes_settled(backing):
+            keystore, envelope = open_store(backing)
+            try:
+                envelope.registry.snapshot()
+            except StoreError:
+                keystore.close()
+                raise
     except StoreError as exc:
-        keystore.close()
         raise FsckError(str(exc)) from None
     report = Report()
     try:
