@@ -19,11 +19,11 @@ from pathlib import Path
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
 from .format import ciphertext_block_size, plaintext_size, FormatError
-from .truncation import TruncationJournal
-from .keyregistry import KeyNotFound, KeyRegistry
+from .keyregistry import KeyNotFound, KeyRegistry, key_changes_settled
 from .keystore import HsmError, HsmKeyRefused, HsmUnwrapFailed, KeyStore
 from .store import StoreError, load_config
 from .treewalk import iter_regular_files
+from .truncation import TruncationJournal
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,16 @@ def open_store(backing: Path) -> tuple[KeyStore, Envelope]:
 
 def check_store(backing: Path, progress: Callable[[int, str], None] | None = None) -> Report:
     """Check everything; the caller turns the report into output and an exit code."""
-    keystore, envelope = open_store(backing)
     try:
-        envelope.registry.snapshot()
+        # Not in the middle of a key change (its helper may outlive a killed daemon).
+        with key_changes_settled(backing):
+            keystore, envelope = open_store(backing)
+            try:
+                envelope.registry.snapshot()
+            except StoreError:
+                keystore.close()
+                raise
     except StoreError as exc:
-        keystore.close()
         raise FsckError(str(exc)) from None
     report = Report(pending_truncates=len(TruncationJournal(backing).pending()))
     try:

@@ -112,7 +112,7 @@ class DirectControl:
 
         from .controldir import ControlDir
         from .envelope import Envelope
-        from .keyregistry import KeyRegistry
+        from .keyregistry import KeyRegistry, key_changes_settled
         from .keystore import HsmError, KeyStore
         from .kms import KeyService
         from .store import StoreError, load_config
@@ -125,7 +125,9 @@ class DirectControl:
         logging.getLogger("kmsfs.controldir").setLevel(logging.ERROR)
         try:
             config = load_config(backing)
-            self.keystore = KeyStore(config.uri(), config.hsm_env)
+            # Not in the middle of a key change (its helper may outlive a killed daemon).
+            with key_changes_settled(backing):
+                self.keystore = KeyStore(config.uri(), config.hsm_env)
         except (StoreError, HsmError) as exc:
             raise CliError(str(exc)) from None
         registry = KeyRegistry(backing)

@@ -8,6 +8,12 @@ The metadata is not trusted for security: a disabled key is also refused by
 the HSM itself, so editing this file cannot undo a disable.  Updates take an
 exclusive flock and replace the file atomically, so several mounts of one
 store see the same keys.
+
+An update that changes key attributes in the HSM hands its lock (the open
+descriptor) and the new file to a detached helper (hsmchange.py), which
+writes both and keeps the lock until it is done, even if this process is
+killed.  Mount, fsck and ``kmsfs key`` therefore wait for the lock before
+they look at the HSM (key_changes_settled).
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ T = TypeVar("T")
 
 #: How stale another mount's key changes may be before this mount sees them.
 REVALIDATE_SECONDS = 0.2
+#: How long mount, fsck and ``kmsfs key`` wait for a key change in flight
+#: (KMSFS_KEY_LOCK_WAIT overrides it).  A change takes well under a second.
+KEY_LOCK_WAIT = 60.0
 
 
 class KeyNotFound(StoreError):
@@ -212,27 +221,80 @@ class KeyRegistry:
         return self._cached
 
     @contextmanager
-    def _flock(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _flock(self) -> Iterator[int]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            yield fd
         finally:
             os.close(fd)
 
-    def update(self, change: Callable[[Registry], T]) -> T:
+    def update(self, change: Callable[[Registry], T],
+               commit: Callable[[Path, bytes, int], None] | None = None) -> T:
         """Apply ``change`` to a fresh copy under an exclusive lock and save it atomically.
 
-        If ``change`` raises, nothing is written.
+        If ``change`` raises, nothing is written.  ``commit(path, data, lock_fd)``,
+        if given, writes the file instead (with the HSM changes that go with it).
         """
-        with self._mutex, self._flock():
+        with self._mutex, self._flock() as lock_fd:
             registry = self._read()
             result = change(registry)
-            atomic_write(self._path, (json.dumps(registry.to_json(), indent=2) + "\n").encode())
+            data = (json.dumps(registry.to_json(), indent=2) + "\n").encode()
+            if commit is None:
+                atomic_write(self._path, data)
+            else:
+                commit(self._path, data, lock_fd)
             self._cached = registry
             self._cached_stamp = self._stamp()
             self._checked = time.monotonic()
             return result
+
+
+@contextmanager
+def key_changes_settled(backing: Path, timeout: float | None = None) -> Iterator[None]:
+    """Wait until no key change is in flight on this store, and keep new ones out meanwhile.
+
+    A key change holds keys.lock exclusively, in its helper process even after
+    the process that started it was killed (see hsmchange.py).  This takes
+    the lock shared, waiting up to ``timeout`` seconds, so that the HSM and
+    keys.json are seen together and never in the middle of a change.  Raises
+    StoreError when the wait runs out.
+    """
+    if timeout is None:
+        timeout = float(os.environ.get("KMSFS_KEY_LOCK_WAIT") or KEY_LOCK_WAIT)
+    lock_path = store_dir(backing) / LOCK_NAME
+    try:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)  # someone else's store, read-only
+    except FileNotFoundError:
+        # Not a store (the caller says so), or no key change was ever made here.
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"a key change on this store is still in progress after {timeout:.0f}s "
+                        f"({lock_path} is locked); try again, or see which process holds it: "
+                        f"fuser -v {lock_path}") from None
+                if not waited:
+                    log.warning("waiting for a key change in progress on this store to finish (%s is locked)",
+                                lock_path)
+                    waited = True
+                time.sleep(0.05)
+        if waited:
+            log.info("the key change in progress has finished")
+        yield
+    finally:
+        os.close(fd)
 
 
 def new_key_record(alias: str, owner: str, origin: str = ORIGIN_KMSFS, description: str = "") -> KeyRecord:

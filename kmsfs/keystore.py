@@ -9,6 +9,13 @@ the caller.  Key material never leaves the HSM.
 A PKCS#11 session must not be used by two threads at once, so every call goes
 through one lock.  Callers on the trio loop run these methods in a worker
 thread.
+
+Changes of a key object's attributes (enable, disable) are the exception:
+they never run in this process but in a detached helper (hsmchange.py),
+because a module may store them non-atomically (SoftHSM2 truncates and
+rewrites the object's file) and a kill of this process must not be able to
+interrupt one.  Creating and destroying objects stay here: an interrupted
+creation leaves at most an unused object, never damages an existing one.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pkcs11 import exceptions as p11exc
 from pkcs11.mechanisms import GCMParams
 
 from .format import DEK_SIZE, NONCE_SIZE, TAG_SIZE
+from .hsmchange import RegistryWrite, UsableChange, run_helper
 from .pkcs11uri import Pkcs11Uri, UriError
 
 log = logging.getLogger(__name__)
@@ -173,6 +181,8 @@ class KeyStore:
 
     def __init__(self, uri: Pkcs11Uri, env: dict[str, str] | None = None) -> None:
         self.uri = uri
+        #: Given again to the attribute-change helper, which opens its own session.
+        self._env = dict(env or {})
         # Modules such as SoftHSM2 read their configuration from the environment
         # when they are first initialised, so it must be set before loading.
         for name, value in (env or {}).items():
@@ -303,16 +313,20 @@ class KeyStore:
                 if not self._broken:
                     log.warning("closing the PKCS#11 session failed", exc_info=True)
 
-    def generate_key(self, key_id: uuid.UUID, version: int) -> None:
-        """Create CMK version ``version`` inside the HSM, non-extractable."""
+    def generate_key(self, key_id: uuid.UUID, version: int, usable: bool = True) -> None:
+        """Create CMK version ``version`` inside the HSM, non-extractable.
+
+        ``usable=False`` creates it with CKA_ENCRYPT/CKA_DECRYPT off (a rotation
+        of a disabled key): set at creation, with no attribute change later.
+        """
         oid = object_id(key_id, version)
         template = {
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
             Attribute.EXTRACTABLE: False,
-            Attribute.ENCRYPT: True,
-            Attribute.DECRYPT: True,
+            Attribute.ENCRYPT: usable,
+            Attribute.DECRYPT: usable,
             Attribute.WRAP: False,
             Attribute.UNWRAP: False,
             Attribute.SIGN: False,
@@ -361,20 +375,49 @@ class KeyStore:
             return self._call(op)
 
     def set_usable(self, key_id: uuid.UUID, version: int, usable: bool) -> None:
-        """Turn the key's CKA_ENCRYPT and CKA_DECRYPT on or off inside the HSM."""
-        def op() -> None:
-            key = self._key(key_id, version)
+        """Turn the key's CKA_ENCRYPT and CKA_DECRYPT on or off inside the HSM (in the helper)."""
+        if self.set_usable_many([UsableChange(key_id, version, usable)]):
+            raise HsmKeyMissing(f"CMK {key_id} version {version} is not in the HSM")
+
+    def set_usable_many(self, changes: list[UsableChange],
+                        registry: RegistryWrite | None = None) -> list[UsableChange]:
+        """Make the attribute ``changes``, then write ``registry``, in a detached helper process.
+
+        The helper (hsmchange.py) finishes even if this process is killed
+        meanwhile.  Returns the changes whose key version is not on the token
+        (skipped).  Raises HsmError (HsmPinIncorrect, HsmUnavailable, ...) when
+        nothing was changed; the helper undoes its own partial changes then.
+        The session lock is not held meanwhile: wraps and unwraps go on.
+        """
+        try:
+            return run_helper(str(self.uri), self._env, changes, registry)
+        finally:
+            with self._lock:
+                # Cached handles carry the old attributes; look them up afresh next time.
+                for change in changes:
+                    self._handles.pop(object_id(change.key_id, change.version), None)
+
+    def set_usable_in_process(self, key_id: uuid.UUID, version: int, usable: bool) -> bool:
+        """The attribute change itself, in this process.  Only the helper (hsmchange.py) calls it.
+
+        Writes only when the object differs: each write is a rewrite of the
+        object by some modules.  Returns whether anything was written.
+        """
+        def op() -> bool:
+            key = self._key(key_id, version, fresh=True)
             try:
+                if bool(key[Attribute.ENCRYPT]) == usable and bool(key[Attribute.DECRYPT]) == usable:
+                    return False
                 key[Attribute.ENCRYPT] = usable
                 key[Attribute.DECRYPT] = usable
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM refused to change key {key_id} v{version}: {_describe(exc)}") from exc
             finally:
-                # The cached object's methods reflect the old attributes; look it up afresh next time.
                 self._handles.pop(object_id(key_id, version), None)
+            return True
 
         with self._lock:
-            self._call(op)
+            return bool(self._call(op))
 
     def destroy_key(self, key_id: uuid.UUID, version: int) -> None:
         def op() -> None:

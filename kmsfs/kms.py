@@ -11,6 +11,12 @@ keys.json) and the HSM (material, and whether the HSM allows it to be used).
 A disable or a scheduled deletion turns off the key's encrypt and decrypt
 attributes inside the HSM before the registry says so, so editing keys.json
 cannot bring a disabled key back.
+
+Both steps of a state change (enable, disable, schedule deletion) run in one
+detached helper process (hsmchange.py), under the registry's lock: a kill of
+this process at any moment leaves either the old state in both places or,
+once the helper has its job, the new state in both, and never an HSM object
+half rewritten.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from .keyregistry import (
     DISABLED, ENABLED, ORIGIN_EXTERNAL, ORIGIN_KMSFS, PENDING_DELETE, PENDING_IMPORT,
     KeyNotFound, KeyRecord, KeyRegistry, Registry, new_key_record, validate_alias,
 )
-from .keystore import HsmError, HsmKeyMissing, HsmUnavailable, KeyStore
-from .store import store_dir
+from .hsmchange import RegistryWrite, UsableChange
+from .keystore import HsmError, HsmUnavailable, KeyStore
+from .store import atomic_write, store_dir
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +182,13 @@ class KeyService:
             raise KmsError(errno.ENOENT, str(exc)) from None
 
     def _mutate(self, caller: Caller | None, operation: str, ref: str,
-                change: Callable[[Registry, KeyRecord], Any]) -> Any:
-        """Apply ``change`` under the registry lock; audit success or refusal."""
+                change: Callable[[Registry, KeyRecord], Any],
+                hsm_changes: list[UsableChange] | None = None) -> Any:
+        """Apply ``change`` under the registry lock; audit success or refusal.
+
+        Attribute changes that ``change`` puts into ``hsm_changes`` are made
+        together with the keys.json write, in the helper (see _commit_with).
+        """
         key_name = ref
 
         def apply(reg: Registry) -> Any:
@@ -190,7 +202,7 @@ class KeyService:
             return change(reg, record)
 
         try:
-            result = self.registry.update(apply)
+            result = self.registry.update(apply, self._commit_with(hsm_changes))
         except KmsError as exc:
             if not exc.audited:
                 self.audit(caller, operation, key_name, "refused", str(exc))
@@ -293,26 +305,40 @@ class KeyService:
             if record.KeyState == PENDING_IMPORT:
                 raise KmsError(errno.EPERM, "the key has no material yet; import it first")
             # Set the HSM attributes even when the registry already agrees: this
-            # also repairs an HSM left out of step (e.g. by a crash in between).
-            self._set_usable_all(record, state == ENABLED)
+            # also repairs an HSM left out of step (e.g. by an older kmsfs's crash).
+            hsm_changes[:] = self._usable_changes(record, state == ENABLED)
             record.KeyState = state
 
-        self._mutate(caller, "EnableKey" if state == ENABLED else "DisableKey", ref, change)
+        hsm_changes: list[UsableChange] = []
+        self._mutate(caller, "EnableKey" if state == ENABLED else "DisableKey", ref, change, hsm_changes)
 
-    def _set_usable_all(self, record: KeyRecord, usable: bool) -> None:
-        """Switch every version of a key in the HSM on or off.
+    @staticmethod
+    def _usable_changes(record: KeyRecord, usable: bool) -> list[UsableChange]:
+        """Switch every version of a key in the HSM on or off."""
+        return [UsableChange(record.key_uuid, version, usable) for version in record.Versions]
 
-        A version whose material is gone from the HSM (an HSM that lost an
-        object, e.g. SoftHSM2 killed while rewriting it) can be used by nobody
-        either way; it is skipped, so that it cannot keep the files of the
-        other versions locked up.  Any other HSM failure stops the change.
+    def _commit_with(self, hsm_changes: list[UsableChange] | None) -> Callable[[Path, bytes, int], None] | None:
+        """How a registry update that carries ``hsm_changes`` is written.
+
+        The helper makes the attribute changes, then writes keys.json, holding
+        the registry's lock (``lock_fd``) until it is done.  A version whose
+        material is gone from the HSM can be used by nobody either way; it is
+        skipped, so that it cannot keep the files of the other versions locked
+        up.  Any other HSM failure changes nothing.
         """
-        for version in record.Versions:
-            try:
-                self.keystore.set_usable(record.key_uuid, version, usable)
-            except HsmKeyMissing as exc:
+        if hsm_changes is None:
+            return None
+
+        def commit(path: Path, data: bytes, lock_fd: int) -> None:
+            if not hsm_changes:
+                atomic_write(path, data)
+                return
+            missing = self.keystore.set_usable_many(hsm_changes, RegistryWrite(path, data, lock_fd))
+            for gone in missing:
                 log.error("CMK %s version %d is missing from the HSM (its files are unreadable); "
-                          "switching the other versions: %s", record.KeyId, version, exc)
+                          "switched the other versions", gone.key_id, gone.version)
+
+        return commit
 
     def schedule_deletion(self, caller: Caller | None, ref: str, days: int) -> None:
         if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
@@ -325,11 +351,12 @@ class KeyService:
                 raise KmsError(errno.EPERM, "the default key for new files cannot be deleted; change default-key first")
             if record.KeyState == PENDING_DELETE:
                 raise invalid("deletion is already scheduled; cancel it first to change the date")
-            self._set_usable_all(record, False)
+            hsm_changes[:] = self._usable_changes(record, False)
             record.KeyState = PENDING_DELETE
             record.DeletionDate = int(time.time()) + days * DAY
 
-        self._mutate(caller, "ScheduleKeyDeletion", ref, change)
+        hsm_changes: list[UsableChange] = []
+        self._mutate(caller, "ScheduleKeyDeletion", ref, change, hsm_changes)
 
     def cancel_deletion(self, caller: Caller | None, ref: str) -> None:
         def change(reg: Registry, record: KeyRecord) -> None:
@@ -358,9 +385,8 @@ class KeyService:
                 # Left by a crash between generating it and recording it: never
                 # used (no header names an unrecorded version), so replace it.
                 self.keystore.destroy_key(record.key_uuid, version)
-            self.keystore.generate_key(record.key_uuid, version)
-            if record.KeyState == DISABLED:
-                self.keystore.set_usable(record.key_uuid, version, False)
+            # A disabled key's new version is made disabled: no attribute change afterwards.
+            self.keystore.generate_key(record.key_uuid, version, usable=record.KeyState != DISABLED)
             record.Versions.append(version)
             record.CurrentVersion = version
             now = int(time.time())

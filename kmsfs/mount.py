@@ -20,7 +20,7 @@ import trio
 
 from .envelope import Envelope
 from .fs import KmsfsOperations
-from .keyregistry import KeyRegistry
+from .keyregistry import KeyRegistry, key_changes_settled
 from .keystore import HsmError, KeyStore
 from .kms import KeyService, KmsError
 from .pkcs11uri import Pkcs11Uri, UriError
@@ -134,12 +134,20 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
     # A daemon killed inside a truncate left its intent record: finish it first.
     for done in TruncationJournal(backing).complete_pending():
         log.warning("after a crash: %s", done)
-    keystore = KeyStore(uri, config.hsm_env)
+    # A key change may still be in flight in its helper, e.g. right after a
+    # kill -9 of the previous daemon: see the HSM and keys.json only after it.
+    with key_changes_settled(backing):
+        keystore = KeyStore(uri, config.hsm_env)
+        try:
+            check_headers_present(backing)
+            registry = KeyRegistry(backing)
+            default = registry.snapshot().default()
+            found = keystore.has_key(default.key_uuid, default.CurrentVersion)
+        except BaseException:
+            keystore.close()
+            raise
     try:
-        check_headers_present(backing)
-        registry = KeyRegistry(backing)
-        default = registry.snapshot().default()
-        if not keystore.has_key(default.key_uuid, default.CurrentVersion):
+        if not found:
             raise MountError(
                 f"the default CMK {default.KeyId} is not on token {uri.token!r}: "
                 f"is this the HSM the store was created with?"
