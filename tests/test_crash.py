@@ -35,15 +35,14 @@ import sys
 import textwrap
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 
+from crashkit import PAGE, check_partial, failed_only_by_the_kill, spawn, wait_stop
 from kmsfs.format import DEFAULT_BLOCK_SIZE, ciphertext_size, plaintext_size
 
 B = DEFAULT_BLOCK_SIZE
-PAGE = 4096
 
 
 # The fsync writer's files come from a generator that the test replays.  The
@@ -181,32 +180,6 @@ READER = CHILD_MAIN + textwrap.dedent("""
     run(main)
 """)
 
-#: How a child may fail once the daemon is dead: the connection is gone; or,
-#: after the lazy unmount, its path names the empty mountpoint directory; or
-#: EIO from the kernel itself, which reads in a partial page before writing it
-#: and reports that read's failure as EIO.  That the daemon never answered EIO
-#: is checked on its log.
-AFTER_KILL = {errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT, errno.EIO}
-
-def spawn(script: str, *args: object, stdout=subprocess.DEVNULL) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
-                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10) -> str:
-    """Wait for a child we started (after the kill it fails on ENOTCONN by itself);
-    kill it by pid if it does not end.  Returns its stderr."""
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    return err
-
-
 class Collector:
     """Reads a child's report lines in a thread and signals after ``want`` of them."""
 
@@ -279,27 +252,6 @@ def observe(path: Path) -> tuple[int, list[bytes | None]]:
     return size, blocks
 
 
-def check_partial(name: str, size: int, blocks: list[bytes | None], versions: list[bytes]) -> None:
-    """A file hit by the operation in flight at the kill: no block is torn, the
-    size lies between, and every byte is from one of ``versions`` (before or after
-    it).  Bytes, not blocks: the kernel cuts a write into requests at page
-    boundaries, which are not block boundaries in the plaintext of format 2, so a
-    kill between two requests leaves a block with new bytes in front, old behind."""
-    lo = min(len(v) for v in versions)  # nothing below the smaller version: a truncate loses nothing
-    hi = max(len(v) for v in versions)
-    assert lo <= size <= hi, f"{name}: size {size} outside [{lo}, {hi}]"
-    torn = [i for i, b in enumerate(blocks) if b is None]
-    assert not torn, f"{name}: blocks {torn} give EIO after the kill: the write in flight tore them"
-    data = b"".join(blocks)  # type: ignore[arg-type]
-    for start in range(0, len(data), 4096):
-        chunk = data[start:start + 4096]
-        if any(v[start:start + len(chunk)] == chunk for v in versions):
-            continue
-        for i in range(start, start + len(chunk)):
-            assert any(i < len(v) and v[i] == data[i] for v in versions), \
-                f"{name}: byte {i} (block {i // B}) is from no version"
-
-
 def model_nosync(seed: int, lines: list[str]) -> tuple[dict[int, bytearray], tuple | None, list[str]]:
     """Replay the reported operations: the files after the acknowledged ones,
     the one in flight (or None), and any size the writer saw that differs
@@ -353,9 +305,9 @@ def test_sigkill_recovery(store):
         sync_seed, nosync_seed = round_no, 100 + round_no
         # This daemon served the last round's checks: only this round's lines count.
         log_start = len(mnt.log())
-        sync_writer = spawn(SYNC_WRITER, directory, sync_seed, stdout=subprocess.PIPE)
-        nosync_writer = spawn(NOSYNC_WRITER, directory, nosync_seed, stdout=subprocess.PIPE)
-        reader = spawn(READER, directory)
+        sync_writer = spawn(SYNC_WRITER, directory, sync_seed)
+        nosync_writer = spawn(NOSYNC_WRITER, directory, nosync_seed)
+        reader = spawn(READER, directory, reports=False)
         sync_reports = Collector(sync_writer, after_reports)
         nosync_reports = Collector(nosync_writer, 1)
         errors = {}
@@ -363,17 +315,17 @@ def test_sigkill_recovery(store):
             assert sync_reports.enough.wait(30), "the fsync writer reported nothing"
             time.sleep(slack)
             for proc in (sync_writer, nosync_writer, reader):
-                assert proc.poll() is None, f"a child died before the kill:\n{stop(proc)}"
+                assert proc.poll() is None, f"a child died before the kill:\n{wait_stop(proc)}"
             killed = mnt
             mnt.kill9()
         finally:
             for what, proc in (("sync", sync_writer), ("nosync", nosync_writer), ("reader", reader)):
-                errors[what] = stop(proc)
+                errors[what] = wait_stop(proc, 10)
             reported = sync_reports.finish()
             nosync_lines = nosync_reports.finish()
         for what, err in errors.items():
             # After the kill the children fail on the dead mount, and on nothing else.
-            assert err.startswith("SHORT ") or (err.startswith("ERRNO ") and int(err.split()[1]) in AFTER_KILL), \
+            assert failed_only_by_the_kill(err), \
                 f"{what} failed after the kill with:\n{err}\nreports: sync {len(reported)}, nosync {len(nosync_lines)}\n" \
                 + "\n".join(line for line in killed.log()[log_start:].splitlines() if " DEBUG " not in line)[-3000:]
 

@@ -55,20 +55,21 @@ import sys
 import textwrap
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import Mount, Store
+from crashkit import (
+    PAGE, assert_bytes_from_versions, check_partial, failed_only_by_the_kill, spawn, wait_stop,
+)
 from kmsfs.format import DEFAULT_BLOCK_SIZE
 from test_lifecycle import REPO, create_key, key_dir, kpath, store_config, wait_rewrap, write_ctl
 
 pytestmark = pytest.mark.mount
 
 B = DEFAULT_BLOCK_SIZE
-PAGE = 4096  # the kernel's unit: writes reach the daemon in whole pages
 SCALE = max(1.0, float(os.environ.get("KMSFS_SOAK_SCALE", "1")))
 SEED = int(os.environ.get("KMSFS_SOAK_SEED", "0"))
 
@@ -88,23 +89,6 @@ def fsck(store: Store) -> tuple[int, dict[str, Any]]:
         report = {}
     report["stderr"] = result.stderr
     return result.returncode, report
-
-
-def wait_stop(proc: subprocess.Popen, timeout: float = 15) -> str:
-    """Wait for a child we started (it fails by itself once the mount is dead);
-    kill it by pid if it does not end.  Returns its stderr."""
-    if hasattr(proc, "kmsfs_err"):
-        return proc.kmsfs_err  # type: ignore[attr-defined]
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    proc.kmsfs_err = err  # type: ignore[attr-defined]
-    return err
 
 
 class Reports:
@@ -129,25 +113,10 @@ class Reports:
         return self.lines
 
 
-def spawn(script: str, *args: object, reports: bool = True) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE if reports else subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def daemon_errors(m: Mount, allowed: tuple[str, ...] = (), since: int = 0) -> list[str]:
     """ERROR lines and tracebacks in the daemon's log (from offset ``since``), but the allowed ones."""
     return [line for line in m.log()[since:].splitlines()
             if (" ERROR " in line or "Traceback" in line) and not any(a in line for a in allowed)]
-
-
-#: How a child may fail once the daemon is dead (see test_crash.py): the
-#: connection is gone, or after the lazy unmount its path names the empty
-#: mountpoint, or the kernel itself answers EIO for a page it could not read in.
-AFTER_KILL = {errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT, errno.EIO}
-
-
-def failed_only_by_the_kill(err: str) -> bool:
-    return err.startswith("SHORT ") or (err.startswith("ERRNO ") and int(err.split()[1]) in AFTER_KILL)
 
 
 def observe(path: Path) -> tuple[int, list[bytes | None]]:
@@ -185,29 +154,6 @@ def observe(path: Path) -> tuple[int, list[bytes | None]]:
 
 def joined(blocks: list[bytes | None]) -> bytes | None:
     return None if None in blocks else b"".join(blocks)  # type: ignore[arg-type]
-
-
-def check_partial(what: str, size: int, blocks: list[bytes | None], versions: list[bytes]) -> None:
-    """The file written by the operation in flight at the kill: no block torn, the
-    size in between, and every byte from one of ``versions`` (before and after the
-    operation).  Bytes, not blocks: the kernel cuts a write into requests at page
-    boundaries, which are not block boundaries in format 2's plaintext."""
-    lo = min(len(v) for v in versions)  # nothing below the smaller version: a truncate loses nothing
-    hi = max(len(v) for v in versions)
-    assert lo <= size <= hi, f"{what}: size {size} outside [{lo}, {hi}]"
-    torn = [i for i, b in enumerate(blocks) if b is None]
-    assert not torn, f"{what}: blocks {torn} give EIO: the operation in flight at the kill tore them"
-    assert_bytes_from_versions(what, b"".join(blocks), versions)  # type: ignore[arg-type]
-
-
-def assert_bytes_from_versions(what: str, data: bytes, versions: list[bytes]) -> None:
-    for start in range(0, len(data), PAGE):
-        chunk = data[start:start + PAGE]
-        if any(v[start:start + len(chunk)] == chunk for v in versions):
-            continue
-        for i in range(start, start + len(chunk)):
-            assert any(i < len(v) and v[i] == data[i] for v in versions), \
-                f"{what}: byte {i} (block {i // B}) is from no version"
 
 
 # ====================================================================== storms: generator and worker
