@@ -63,6 +63,10 @@ ATTR_TIMEOUT = 1.0
 INLINE_MAX = 64 * 1024
 #: HSM calls run inline while their moving-average latency stays below this.
 HSM_INLINE_MAX = 0.0002
+#: Opening a file that readdir listed warms this many files listed after it
+#: (see _prefetch_after), up to this many bytes of each.
+PREFETCH_FILES = 16
+PREFETCH_BYTES = 256 * 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -224,6 +228,17 @@ class Inode:
     cache_stamp: tuple[int, int, int] | None = None
     #: The CMK of the file when last opened, to drop its cache on a disable.
     key_id: str | None = None
+    #: Where readdir last listed this regular file: (listing, index in it).
+    listed: tuple["Listing", int] | None = None
+
+
+@dataclass(eq=False)
+class Listing:
+    """One readdir pass over a directory, for prefetching the files after an opened one."""
+
+    dir_ino: int
+    names: list[bytes]
+    prefetched_to: int = 0
 
 
 @dataclass(eq=False)
@@ -237,6 +252,7 @@ class DirHandle:
     inode: Inode
     fd: int
     names: list[bytes] | None = None
+    listing: Listing | None = None
 
 
 @dataclass(eq=False)
@@ -279,6 +295,8 @@ class KmsfsOperations(pyfuse3.Operations):
         self._dir_policy: dict[int, tuple[str | None, bytes, float]] = {}
         #: Recent HSM call latency (seconds, moving average): decides inline or thread.
         self._hsm_latency = 0.0
+        #: One prefetching worker at a time (see _prefetch_after).
+        self._prefetch_limiter = trio.CapacityLimiter(1)
 
     # ================================================================ inode table
 
@@ -883,7 +901,43 @@ class KmsfsOperations(pyfuse3.Operations):
             open_file.handles = 1
             node.open_file = open_file
             node.key_id = open_file.key_id
-            return open_file
+        if node.listed is not None:
+            self._prefetch_after(node.listed)
+        return open_file
+
+    def _prefetch_after(self, listed: tuple[Listing, int]) -> None:
+        """Warm the backing cache for the files listed after one being opened.
+
+        Reading a tree (tar, cp -r, grep -r) opens the files of a directory in
+        the order readdir gave them, and cold, each open waits for the disk
+        twice: the header xattr (a block of its own on ext4, as it does not fit
+        in the inode) and the first data blocks.  A worker thread reads the next
+        files' headers and asks for their data (posix_fadvise WILLNEED, which
+        starts the reads without waiting), so these waits overlap instead of
+        adding up.  Nothing is decrypted, no key is used: the opens themselves
+        still do all the checks.
+        """
+        listing, index = listed
+        if self.nursery is None or listing.prefetched_to > index + PREFETCH_FILES // 2:
+            return
+        parent = self.inodes.get(listing.dir_ino)
+        if parent is None:
+            return
+        start = max(index + 1, listing.prefetched_to)
+        names = listing.names[start:index + 1 + PREFETCH_FILES]
+        listing.prefetched_to = index + 1 + PREFETCH_FILES
+        if not names:
+            return
+        # A descriptor of its own: the directory's may be closed meanwhile.
+        dir_fd = os.dup(parent.fd)
+        self.nursery.start_soon(self._prefetch, dir_fd, names)
+
+    async def _prefetch(self, dir_fd: int, names: list[bytes]) -> None:
+        try:
+            await trio.to_thread.run_sync(_prefetch_files, dir_fd, names, limiter=self._prefetch_limiter,
+                                          abandon_on_cancel=True)
+        except Exception:  # advisory only: never let it disturb the mount
+            log.debug("prefetch failed", exc_info=True)
 
     async def _load(self, node: Inode, fd: int) -> OpenFile:
         try:
@@ -1048,6 +1102,7 @@ class KmsfsOperations(pyfuse3.Operations):
             handle.names = [b".", b".."] + names
             if node.ino == pyfuse3.ROOT_INODE:
                 handle.names.append(CONTROL_NAME)
+            handle.listing = Listing(node.ino, handle.names)
         names = handle.names
         for index in range(start_id, len(names)):
             name = names[index]
@@ -1065,6 +1120,8 @@ class KmsfsOperations(pyfuse3.Operations):
                 inode, st = self._remember(node.fd, name)
             except FileNotFoundError:
                 continue  # removed since the listing was taken
+            if handle.listing is not None and stat.S_ISREG(st.st_mode):
+                inode.listed = (handle.listing, index)
             if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), index + 1):
                 self._forget_one(inode, 1)
                 return
@@ -1201,6 +1258,33 @@ class KmsfsOperations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         self._dir_policy.clear()
         os.removexattr(_proc(node.fd), name)
+
+
+def _prefetch_files(dir_fd: int, names: list[bytes]) -> None:
+    """Bring headers and first data of regular files into the backing cache (blocking)."""
+    try:
+        for name in names:
+            try:
+                path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(path_fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                    continue
+                # Reopened through the O_PATH descriptor: the same inode, never a device.
+                fd = os.open(_proc(path_fd), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.posix_fadvise(fd, 0, min(st.st_size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
+                    _get_raw_xattr_or_none(_proc(fd), HEADER_XATTR)
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue
+            finally:
+                os.close(path_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _get_raw_xattr_or_none(path: str, name: str) -> bytes | None:
