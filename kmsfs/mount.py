@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import resource
 import signal
 from pathlib import Path
@@ -98,6 +99,17 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 
 #: Mount options that kmsfs itself takes (not passed to FUSE).
 KMSFS_OPTIONS = frozenset({"writeback_cache"})
+#: kmsfs's own options that take a value (``name=value``).
+KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb"})
+
+#: The kernel's readahead window for the mount, in KiB, set at mount time when
+#: running as root (through /sys/class/bdi).  FUSE's default is 128 KiB, so a
+#: sequential read arrives as 128 KiB requests; with 1 MiB (the largest request
+#: the kernel sends, max_pages = 256) there are 8x fewer requests and worker
+#: thread round trips.  scripts/bench, cold 256 MiB read: daemon CPU 0.84-1.47 s
+#: -> 0.39-0.41 s, wall 1.2-2.1 s -> 0.6-0.7 s.  ``-o read_ahead_kb=N`` overrides
+#: it (0 leaves the kernel's default).
+READ_AHEAD_KB = 1024
 
 
 def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
@@ -108,8 +120,65 @@ def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
         for option in item.split(","):
             option = option.strip()
             if option:
-                (own if option in KMSFS_OPTIONS else fuse).add(option)
+                mine = option in KMSFS_OPTIONS or option.partition("=")[0] in KMSFS_VALUE_OPTIONS
+                (own if mine else fuse).add(option)
     return fuse, own
+
+
+def _option_value(own: set[str], name: str) -> str | None:
+    for option in own:
+        key, sep, value = option.partition("=")
+        if key == name and sep:
+            return value
+    return None
+
+
+def _mount_device(target: str) -> str | None:
+    """major:minor of the filesystem mounted on ``target`` (the newest one there).
+
+    ``target`` is the resolved path, resolved before mounting: once mounted,
+    any stat() of it (also Path.resolve()) waits for this very daemon, which
+    does not serve requests yet.  Hence /proc/self/mountinfo.
+    """
+    device = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 4 and _unescape_mount_path(fields[4]) == target:
+                    device = fields[2]
+    except OSError:
+        return None
+    return device
+
+
+def _unescape_mount_path(field: str) -> str:
+    if "\\" not in field:
+        return field
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _set_read_ahead(target: str, kib: int) -> None:
+    """Raise the mount's readahead window (root only; otherwise the default stays).
+
+    Blocking, in a worker thread once the loop serves: the kernel applies FUSE's
+    own limit when INIT is answered, overwriting anything set before, so this
+    first stat()s the mountpoint, which returns only after INIT is done.
+    """
+    if kib <= 0:
+        return
+    os.stat(target)
+    device = _mount_device(target)
+    if device is None:
+        log.debug("read_ahead_kb: no mountinfo entry for %s", target)
+        return
+    path = Path("/sys/class/bdi") / device / "read_ahead_kb"
+    try:
+        path.write_text(f"{kib}\n")
+    except OSError as exc:
+        log.debug("read_ahead_kb: cannot write %s (%s); the kernel's default stays", path, exc)
+        return
+    log.info("readahead window %d KiB (%s)", kib, path)
 
 
 def _fuse_options(backing: Path, extra: set[str]) -> set[str]:
@@ -205,9 +274,16 @@ def serve(
     # Resolved before mounting: once mounted, touching the mountpoint would
     # wait for this very process to serve it.
     pidfile = pidfile_for(mountpoint)
+    resolved_mountpoint = str(mountpoint.resolve())
     # Modes arrive from the kernel with the caller's umask already applied.
     os.umask(0)
     fuse_options, own_options = _split_options(options)
+    read_ahead = _option_value(own_options, "read_ahead_kb")
+    try:
+        read_ahead_kb = READ_AHEAD_KB if read_ahead is None else int(read_ahead)
+    except ValueError:
+        log.warning("ignoring -o read_ahead_kb=%s: not a number", read_ahead)
+        read_ahead_kb = READ_AHEAD_KB
     if "writeback_cache" in own_options:
         ops.enable_writeback_cache = True
         log.info("writeback cache on: changes made behind this mount's back may go unseen")
@@ -230,7 +306,7 @@ def serve(
         os.close(ready_fd)
     unmount = True
     try:
-        trio.run(_main_loop, ops)
+        trio.run(_main_loop, ops, resolved_mountpoint, read_ahead_kb)
     except Exception:
         log.exception("the FUSE main loop failed")
         raise
@@ -251,14 +327,23 @@ SCHEDULE_INTERVAL = 60.0
 KEY_WATCH_INTERVAL = 0.5
 
 
-async def _main_loop(ops: KmsfsOperations) -> None:
+async def _main_loop(ops: KmsfsOperations, mountpoint: str = "", read_ahead_kb: int = 0) -> None:
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
+        if mountpoint and read_ahead_kb > 0:
+            nursery.start_soon(_tune_read_ahead, mountpoint, read_ahead_kb)
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         nursery.start_soon(_run_schedule, ops)
         nursery.start_soon(ops.watch_key_states, KEY_WATCH_INTERVAL)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _tune_read_ahead(mountpoint: str, kib: int) -> None:
+    try:
+        await trio.to_thread.run_sync(_set_read_ahead, mountpoint, kib, abandon_on_cancel=True)
+    except Exception:  # never end the mount over a tuning knob
+        log.warning("could not set read_ahead_kb on %s", mountpoint, exc_info=True)
 
 
 async def _run_schedule(ops: KmsfsOperations) -> None:
