@@ -86,20 +86,37 @@ class CipherFile:
         head_partial = offset > region_start
         tail_partial = end < region_end
         if not head_partial and not tail_partial:
-            plain: bytes | bytearray | memoryview = data
+            ct = self.cipher.encrypt(data, first)
+        elif first == last:
+            # One block, merged with what it held (read-modify-write).
+            block = bytearray(region_end - region_start)
+            old = self._read_block(first)
+            block[:len(old)] = old
+            block[offset - region_start:end - region_start] = data
+            ct = self.cipher.encrypt(block, first)
         else:
-            # Read-modify-write of the partial first and last blocks only.
-            buf = bytearray(region_end - region_start)
+            # Only the partial first and last blocks are merged with their old
+            # content; the blocks between come straight from the request.
+            view = memoryview(data)
+            parts: list[bytes | bytearray | memoryview] = []
+            pos = 0  # where in ``data`` the next whole block starts
             if head_partial:
+                head = bytearray(bs)
                 old = self._read_block(first)
-                buf[:len(old)] = old
-            if tail_partial and (last != first or not head_partial):
+                head[:len(old)] = old
+                pos = bs - (offset - region_start)
+                head[offset - region_start:] = view[:pos]
+                parts.append(head)
+            tail_start = last * bs - offset  # where the last block starts in ``data``
+            if tail_partial:
+                tail = bytearray(region_end - last * bs)
                 old = self._read_block(last)
-                pos = (last - first) * bs
-                buf[pos:pos + len(old)] = old
-            buf[offset - region_start:end - region_start] = data
-            plain = buf
-        ct = self.cipher.encrypt(plain, first)
+                tail[:len(old)] = old
+                tail[:end - last * bs] = view[tail_start:]
+                parts += [view[pos:tail_start], tail]
+            else:
+                parts.append(view[pos:])
+            ct = self.cipher.encrypt_parts(parts, first)
         self._pwrite_all(ct, first * self.cbs)
         return length
 

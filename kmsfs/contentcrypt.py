@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .format import BLOCK_OVERHEAD, FILE_ID_SIZE, NONCE_SIZE
+from .format import BLOCK_OVERHEAD, FILE_ID_SIZE, NONCE_SIZE, TAG_SIZE
 
 _BLOCK_NUMBER = struct.Struct(">Q")
 
@@ -52,31 +53,43 @@ class ContentCipher:
         Every block but the last must be full; the result is the exact bytes to
         write at ``first_block * ct_block_size``.
         """
-        src = memoryview(plaintext)
-        n = len(src)
-        if n == 0:
-            return bytearray()
+        return self.encrypt_parts((plaintext,), first_block)
+
+    def encrypt_parts(self, parts: Sequence[bytes | bytearray | memoryview], first_block: int) -> bytearray:
+        """Like ``encrypt`` of the parts joined, without joining them.
+
+        Each part but the last must be a whole number of blocks.  A write that
+        starts or ends inside a block passes its merged first and last blocks
+        and the request's own buffer for the blocks between: no copy of the
+        request into a staging buffer.
+        """
         bs = self.block_size
         cbs = self.ct_block_size
-        full, rest = divmod(n, bs)
-        nblocks = full + (1 if rest else 0)
+        n = sum(len(p) for p in parts)
+        if n == 0:
+            return bytearray()
+        nblocks = -(-n // bs)
         out = bytearray(n + nblocks * BLOCK_OVERHEAD)
         dst = memoryview(out)
         nonces = os.urandom(NONCE_SIZE * nblocks)
         file_id = self._file_id
         encrypt_into = self._aead.encrypt_into
         pack = _BLOCK_NUMBER.pack
-        # The loop body is the per-block cost of every write: keep it minimal.
-        for i in range(full):
-            o = i * cbs
-            nonce = nonces[i * NONCE_SIZE:(i + 1) * NONCE_SIZE]
-            dst[o:o + NONCE_SIZE] = nonce
-            encrypt_into(nonce, src[i * bs:(i + 1) * bs], file_id + pack(first_block + i), dst[o + NONCE_SIZE:o + cbs])
-        if rest:
-            o = full * cbs
-            nonce = nonces[full * NONCE_SIZE:]
-            dst[o:o + NONCE_SIZE] = nonce
-            encrypt_into(nonce, src[full * bs:], file_id + pack(first_block + full), dst[o + NONCE_SIZE:])
+        i = 0  # block index within the run
+        for part in parts:
+            src = memoryview(part)
+            length = len(src)
+            if length % bs and i + -(-length // bs) != nblocks:
+                raise ValueError("only the last part may end inside a block")
+            # The loop body is the per-block cost of every write: keep it minimal.
+            for start in range(0, length, bs):
+                o = i * cbs
+                nonce = nonces[i * NONCE_SIZE:(i + 1) * NONCE_SIZE]
+                dst[o:o + NONCE_SIZE] = nonce
+                chunk = src[start:start + bs]
+                encrypt_into(nonce, chunk, file_id + pack(first_block + i),
+                             dst[o + NONCE_SIZE:o + NONCE_SIZE + len(chunk) + TAG_SIZE])
+                i += 1
         return out
 
     def decrypt(self, ciphertext: bytes | bytearray | memoryview, first_block: int) -> bytearray:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmsfs import format as fmt
@@ -1019,3 +1019,25 @@ def test_envelope_of_a_v2_store_seals_v2_headers(hsm, tmp_path: Path):
     again = envelope.rewrap(parse_header(raw), record)
     assert again.version == 2 and again.block_size == B2
     assert bytes(envelope.open(again).decrypt(cipher.encrypt(b"x" * 5000, 0), 0)) == b"x" * 5000
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blocks=st.lists(st.integers(0, 3), min_size=1, max_size=4), tail=st.integers(0, B2 - 1),
+       first=st.integers(0, 1000))
+def test_encrypt_parts_equals_encrypt_of_the_joined_parts(monkeypatch, blocks, tail, first):
+    """The write path passes merged edge blocks and the request's buffer as parts."""
+    import random as _random
+
+    rng = _random.Random(sum(blocks) * 7919 + tail)
+    parts = [rng.randbytes(n * B2) for n in blocks] + [rng.randbytes(tail)]
+    joined = b"".join(parts)
+    monkeypatch.setattr("kmsfs.contentcrypt.os.urandom", lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256))
+    cc = ContentCipher(DEK, G_FILE_ID, B2)
+    assert cc.encrypt_parts([memoryview(p) for p in parts], first) == cc.encrypt(joined, first)
+    assert bytes(cc.decrypt(cc.encrypt_parts(parts, first), first)) == joined
+
+
+def test_encrypt_parts_refuses_a_partial_block_before_the_last_part():
+    cc = ContentCipher(DEK, G_FILE_ID, B2)
+    with pytest.raises(ValueError, match="only the last part"):
+        cc.encrypt_parts([b"x" * 100, b"y" * B2], 0)

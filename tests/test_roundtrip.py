@@ -203,3 +203,39 @@ def test_writeback_cache_option_keeps_contents_appends_and_sizes(store):
     m2 = store.mount()
     assert (m2.path / "wb.bin").read_bytes() == bytes(model)
     assert (m2.path / "append.log").read_bytes() == expected_log
+
+
+def test_a_format_1_store_is_still_read_and_written(store):
+    """Stores made before format 2 keep working, with format 1's geometry
+    (4096-byte plaintext blocks, 4124 on disk) for every file they get."""
+    import json
+
+    from kmsfs.format import parse_header
+
+    config_path = store.backing / ".kmsfs.d" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update({"format": 1, "block_size": 4096})
+    config_path.write_text(json.dumps(config))
+    m = store.mount()
+    data = random.Random(1).randbytes(3 * 4096 + 17)
+    (m.path / "old").write_bytes(data)
+    with open(m.path / "old", "r+b") as fh:  # a read-modify-write across a block boundary
+        fh.seek(4090)
+        fh.write(b"X" * 10)
+    data = data[:4090] + b"X" * 10 + data[4100:]
+    os.truncate(m.path / "old", 2 * 4096 + 5)  # into a block: through the truncate intent
+    data = data[:2 * 4096 + 5]
+    assert (m.path / "old").read_bytes() == data
+    status = json.loads((m.path / ".kmsfs" / "status").read_bytes())
+    assert status["format_version"] == 1 and status["block_size"] == 4096
+    m.unmount()
+    backing = store.backing / "old"
+    header = parse_header(os.getxattr(backing, "user.kmsfs"))
+    assert header.version == 1 and header.block_size == 4096
+    assert backing.stat().st_size == ciphertext_size(len(data), 4096) == 2 * 4124 + 5 + BLOCK_OVERHEAD
+    m = store.mount()
+    assert (m.path / "old").read_bytes() == data
+    assert os.stat(m.path / "old").st_blksize == 4096
+    m.unmount()
+    result = store.kmsfs("fsck", str(store.backing), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
