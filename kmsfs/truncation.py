@@ -80,8 +80,9 @@ class TruncationJournal:
     def intent(self, fd: int, file_id: bytes, offset: int, block: bytes) -> Iterator[None]:
         """Keep a record of "cut ``fd`` at ``offset``, then write ``block`` there" while the body runs.
 
-        If the body raises, the record is removed all the same: the error went
-        to the caller, and the daemon is alive to report it.
+        If the body raises (a disk error between the cut and the write), the
+        record stays: the kept bytes exist nowhere else.  The caller gets the
+        error, and the next mount completes the truncate.
         """
         st = os.fstat(fd)
         record = TruncateIntent(st.st_dev, st.st_ino, file_id, offset, block)
@@ -98,8 +99,11 @@ class TruncationJournal:
             os.rename(tmp, final)  # the record appears complete or not at all
             try:
                 yield
-            finally:
-                os.unlink(final)
+            except BaseException:
+                log.error("a truncate failed between cutting the file and writing its new last block; "
+                          "the block is kept in %s and the next mount writes it", final)
+                raise
+            os.unlink(final)
         finally:
             os.close(record_fd)
 

@@ -137,14 +137,35 @@ def test_a_live_truncate_is_never_completed_by_someone_else(tmp_path: Path):
             assert TruncationJournal(backing).complete_pending() == []
             assert len(os.listdir(backing / ".kmsfs.d" / INTENT_DIR)) == 1
         assert os.listdir(backing / ".kmsfs.d" / INTENT_DIR) == []
-        # An error inside the truncate removes the record: the caller got the error.
-        with pytest.raises(OSError):
-            with journal.intent(fd, file_id, 0, b"x" * 40):
-                raise OSError(errno.EIO, "disk error")
-        assert os.listdir(backing / ".kmsfs.d" / INTENT_DIR) == []
     finally:
         os.close(fd)
     assert path.stat().st_size == ciphertext_size(2 * B, B)
+
+
+def test_a_truncate_that_fails_midway_keeps_its_record_for_the_next_mount(tmp_path: Path):
+    backing = plain_store(tmp_path)
+    data = os.urandom(3 * B)
+    path, dek, file_id = new_file(backing, "f", data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        cf = CipherFile(fd, ContentCipher(dek, file_id, B), TruncationJournal(backing))
+
+        def failing_pwrite(*args):
+            raise OSError(errno.EIO, "disk error")
+
+        real_pwrite = os.pwrite
+        os.pwrite = failing_pwrite
+        try:
+            with pytest.raises(OSError):
+                cf.truncate(B + 3)  # cut, then the write of the kept block fails
+        finally:
+            os.pwrite = real_pwrite
+    finally:
+        os.close(fd)
+    # The kept bytes are only in the record, which stays for the next mount.
+    assert path.stat().st_size == ciphertext_size(B, B)
+    assert TruncationJournal(backing).complete_pending() == ["f: truncate completed"]
+    assert read_all(path, dek, file_id) == data[:B + 3]
 
 
 def test_records_for_gone_or_replaced_files_and_garbage_are_dropped(tmp_path: Path):
