@@ -233,6 +233,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "backing": str(backing.resolve()),
                 "hsm": {"module": uri.module_path, "token": uri.token, "embedded": config.embedded_hsm},
                 **kms.status(),
+                "hsm_calls": dict(keystore.calls),
                 "open_files": sum(1 for i in ops.inodes.values() if i.open_file is not None),
                 "known_inodes": len(ops.inodes),
             }

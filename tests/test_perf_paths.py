@@ -152,3 +152,31 @@ def test_close_sends_no_flush_and_reports_no_error(mounted):
         os.write(fd, b"line %d\n" % i)
         os.close(fd)  # no FLUSH handler: close must still succeed
     assert path.read_bytes() == b"".join(b"line %d\n" % i for i in range(5))
+
+
+def _hsm_calls(mount) -> dict[str, int]:
+    import json
+
+    return json.loads((mount.path / ".kmsfs" / "status").read_bytes())["hsm_calls"]
+
+
+def test_hsm_calls_are_what_docs_operations_says(mounted):
+    """Creating N files costs N wraps; opening a file that is already open, and
+    reading, writing and closing it, cost no HSM call; a first open costs one unwrap."""
+    n = 25
+    before = _hsm_calls(mounted)
+    for i in range(n):
+        (mounted.path / f"f{i}").write_bytes(b"x" * (i * 1000))
+    after_create = _hsm_calls(mounted)
+    assert after_create["encrypt"] - before["encrypt"] == n
+    assert after_create["decrypt"] == before["decrypt"]  # the creating handle keeps its DEK
+
+    with open(mounted.path / "f3", "rb") as held:  # first open after the creator closed: one unwrap
+        opened = _hsm_calls(mounted)
+        assert opened["decrypt"] - after_create["decrypt"] <= 1
+        for _ in range(10):  # more opens while it is open: none
+            with open(mounted.path / "f3", "r+b") as again:
+                again.write(b"y")
+                assert again.read(10)
+        assert held.read() and _hsm_calls(mounted) == opened
+    assert _hsm_calls(mounted)["encrypt"] == after_create["encrypt"]
