@@ -42,6 +42,7 @@ import pytest
 
 from conftest import Mount, Store
 from test_crash_more import fsck, hsm_keys, registry
+from test_faults import token_gone
 from test_lifecycle import REPO, create_key, errno_of, key_dir, kpath, store_config, write_ctl
 
 pytestmark = pytest.mark.mount
@@ -93,17 +94,6 @@ def pin_file(store: Store) -> Path:
 
 
 @contextmanager
-def tokens_gone(store: Store) -> Iterator[None]:
-    tokens = store.state_dir / "tokens"
-    away = store.state_dir / "tokens.away"
-    os.rename(tokens, away)
-    try:
-        yield
-    finally:
-        os.rename(away, tokens)
-
-
-@contextmanager
 def held_lock(store: Store, how: int = fcntl.LOCK_EX) -> Iterator[int]:
     fd = os.open(store.backing / ".kmsfs.d" / "keys.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -151,6 +141,19 @@ def in_thread(fn, *args) -> tuple[threading.Thread, list]:
 # ====================================================================== error mapping, no mount
 
 
+
+def mount_with_a_slow_helper(store: Store, path: Path) -> Mount:
+    """A mount whose state-change helpers sleep 3 s between the HSM and keys.json,
+    so that a test can kill something while a change is surely in flight."""
+    saved = dict(store.env)
+    store.env["KMSFS_TEST_HSM_HELPER_DELAY"] = "3"
+    try:
+        return store.mount(path)
+    finally:
+        store.env.clear()
+        store.env.update(saved)
+
+
 def test_helper_errors_map_to_the_same_hsm_errors(store):
     from kmsfs.hsmchange import UsableChange
     from kmsfs.keystore import HsmKeyMissing, HsmPinIncorrect, HsmUnavailable
@@ -170,7 +173,7 @@ def test_helper_errors_map_to_the_same_hsm_errors(store):
         assert k.set_usable_in_process(default, 1, True) is False
 
         # The token's storage is gone: HsmUnavailable (EIO), and the daemon's own session lives on.
-        with tokens_gone(store):
+        with token_gone(store):
             with pytest.raises(HsmUnavailable) as info:
                 k.set_usable(default, 1, False)
             assert info.value.errno == errno.EIO
@@ -273,14 +276,8 @@ def test_the_daemon_survives_a_failing_or_killed_helper(store):
     assert "not-the-pin" not in m.log()
 
     # The helper is killed (by its pid) while it works: EIO for that write, the daemon lives on.
-    store_env = dict(store.env)
     m.unmount()
-    store.env["KMSFS_TEST_HSM_HELPER_DELAY"] = "3"
-    try:
-        m = store.mount(m.path)
-    finally:
-        store.env.clear()
-        store.env.update(store_env)
+    m = mount_with_a_slow_helper(store, m.path)
     since = len(m.log())
     t, result = in_thread(write_ctl, kpath(m, "proj", "state"), "Disabled")
     [pid] = wait_for(lambda: helper_pids(m, since), what="the helper")
@@ -312,13 +309,7 @@ def test_kill9_of_the_daemon_while_a_change_is_in_flight_the_helper_finishes_it(
     if state == "Enabled":
         write_ctl(kpath(m, "proj", "state"), "Disabled")
     m.unmount()
-    store_env = dict(store.env)
-    store.env["KMSFS_TEST_HSM_HELPER_DELAY"] = "3"
-    try:
-        m = store.mount(m.path)
-    finally:
-        store.env.clear()
-        store.env.update(store_env)
+    m = mount_with_a_slow_helper(store, m.path)
     since = len(m.log())
     t, result = in_thread(write_ctl, kpath(m, "proj", "state"), state)
     wait_for(lambda: helper_pids(m, since), what="the helper")
