@@ -733,8 +733,7 @@ def test_kill9_during_rotation_with_creates_and_rewraps(store):
         assert all(hsm[v]["encrypt"] and hsm[v]["decrypt"] for v in versions)
 
         code, report = fsck(store)
-        damaged = [x["path"] for x in report.get("damaged", [])]
-        assert code == 0 or damaged == [f"p/{in_flight_file}"], report
+        assert code == 0, report  # the create in flight too: absent, empty or complete
         m = store.mount(m.path)
         files.update(created)
         for name, digest in files.items():
