@@ -52,6 +52,8 @@ import json
 import struct
 from dataclasses import dataclass
 
+#: The extended attribute of every regular backing file that holds its header.
+HEADER_XATTR = "user.kmsfs"
 MAGIC = b"KMSF"
 #: The version of new stores (and so of their files).
 FORMAT_VERSION = 2
@@ -124,13 +126,8 @@ def plaintext_block_for_disk_block(disk_block: int, version: int = FORMAT_VERSIO
 
     ``disk_block`` is what ``kmsfs init --block-size`` takes: a power of two.
     """
-    log2 = disk_block.bit_length() - 1
-    if disk_block <= 0 or disk_block != 1 << log2 or not MIN_BLOCK_SIZE_LOG2 <= log2 <= MAX_BLOCK_SIZE_LOG2:
-        raise FormatError(
-            f"block size {disk_block} must be a power of two from "
-            f"{1 << MIN_BLOCK_SIZE_LOG2} to {1 << MAX_BLOCK_SIZE_LOG2}"
-        )
-    return block_size_from_log2(log2, version)
+    # Format 1's rule is exactly "a power of two in range", with its message.
+    return block_size_from_log2(block_size_log2(disk_block, 1), version)
 
 
 #: The plaintext block size of new stores (4068: 4096 on disk).

@@ -38,7 +38,9 @@ from .truncation import TruncationJournal
 from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
-from .format import Header, canonical_context, disk_block_size, parse_context, plaintext_size_lenient, FormatError
+from .format import (
+    HEADER_XATTR, FormatError, Header, canonical_context, disk_block_size, parse_context, plaintext_size_lenient,
+)
 from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
 from .keystore import HsmError
 from .kms import Caller, KeyService, KmsError, RewrapProgress
@@ -47,7 +49,6 @@ from .store import PROBE_XATTR, RESERVED_ROOT_NAMES, StoreError
 
 log = logging.getLogger(__name__)
 
-HEADER_XATTR = "user.kmsfs"
 KEY_XATTR = "user.kmsfs.key"
 CONTEXT_XATTR = "user.kmsfs.context"
 _RESERVED_XATTR_PREFIX = "user.kmsfs"

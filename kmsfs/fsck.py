@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .contentcrypt import BlockAuthError, ContentCipher
 from .envelope import Envelope, HeaderError, KeyUnusable
-from .format import ciphertext_block_size, plaintext_size, FormatError
+from .format import HEADER_XATTR, FormatError, ciphertext_block_size, plaintext_size
 from .keyregistry import KeyNotFound, KeyRegistry, key_changes_settled
 from .keystore import HsmError, HsmKeyRefused, HsmUnwrapFailed, KeyStore
 from .store import StoreError, load_config
@@ -31,7 +31,6 @@ EXIT_CLEAN = 0
 EXIT_DAMAGE = 4
 EXIT_UNABLE = 8
 
-HEADER_XATTR = "user.kmsfs"
 #: Blocks decrypted per pread while checking content.
 CHECK_BLOCKS = 256
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from .contentcrypt import BlockAuthError
 from .envelope import Envelope, HeaderError, KeyUnusable
-from .format import ciphertext_block_size
-from .fsck import HEADER_XATTR, FsckError, open_store
+from .format import HEADER_XATTR, ciphertext_block_size
+from .fsck import FsckError, open_store
 from .keyregistry import KeyNotFound
 from .keystore import HsmError
 from .mounttable import mounted_store_mountpoint

@@ -58,7 +58,8 @@ XATTR_SAMPLE = 32
 
 def check_headers_present(backing: Path) -> None:
     """Refuse a store whose files all lost their headers (copied without xattrs)."""
-    from .fsck import HEADER_XATTR, STRIPPED_XATTRS_MESSAGE
+    from .format import HEADER_XATTR
+    from .fsck import STRIPPED_XATTRS_MESSAGE
     from .treewalk import iter_regular_files
 
     seen = with_header = 0

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 from .envelope import Envelope, HeaderError, KeyUnusable
+from .format import HEADER_XATTR
 from .keyregistry import KeyNotFound, KeyRecord
 from .keystore import HsmError
 from .kms import RewrapProgress
 from .treewalk import iter_regular_files
 
 log = logging.getLogger(__name__)
-
-HEADER_XATTR = "user.kmsfs"
 
 
 def rewrap_key(backing: Path, envelope: Envelope, key: KeyRecord, progress: RewrapProgress) -> None:

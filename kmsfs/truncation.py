@@ -35,14 +35,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .format import FormatError, parse_header
+from .format import HEADER_XATTR, FormatError, parse_header
 from .store import store_dir
 from .treewalk import iter_regular_files
 
 log = logging.getLogger(__name__)
 
 INTENT_DIR = "truncating"
-HEADER_XATTR = "user.kmsfs"
 RECORD_VERSION = 1
 
 
