@@ -180,3 +180,63 @@ def test_hsm_calls_are_what_docs_operations_says(mounted):
                 assert again.read(10)
         assert held.read() and _hsm_calls(mounted) == opened
     assert _hsm_calls(mounted)["encrypt"] == after_create["encrypt"]
+
+
+def test_node_lock_shares_reads_and_excludes_changes_in_order():
+    """The lock itself, step by step (the mount test above cannot catch a broken
+    lock: the kernel's page locks hide most races): readers overlap; a change
+    waits for the readers in progress; readers arriving after a waiting change
+    wait for it; changes exclude each other."""
+    import trio
+    import trio.testing
+
+    from kmsfs.fs import NodeLock
+
+    events: list[str] = []
+
+    async def reader(lock: NodeLock, name: str, hold: trio.Event) -> None:
+        async with lock.shared():
+            events.append(f"{name} in")
+            await hold.wait()
+            events.append(f"{name} out")
+
+    async def changer(lock: NodeLock, name: str, hold: trio.Event) -> None:
+        async with lock:
+            events.append(f"{name} in")
+            await hold.wait()
+            events.append(f"{name} out")
+
+    async def main() -> None:
+        lock = NodeLock()
+        r1_go, r2_go, w_go, r3_go, w2_go = (trio.Event() for _ in range(5))
+        async with trio.open_nursery() as nursery:
+            # One task at a time: trio may run tasks started together in any order.
+            nursery.start_soon(reader, lock, "r1", r1_go)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(reader, lock, "r2", r2_go)
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["r1 in", "r2 in"] and lock.locked()  # readers overlap
+            nursery.start_soon(changer, lock, "w", w_go)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(reader, lock, "r3", r3_go)  # arrives after the waiting change
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["r1 in", "r2 in"]  # w waits for r1 and r2; r3 waits for w
+            r1_go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert "w in" not in events  # r2 still reads
+            r2_go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events[-1] == "w in" and "r3 in" not in events
+            nursery.start_soon(changer, lock, "w2", w2_go)
+            await trio.testing.wait_all_tasks_blocked()
+            w_go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            # FIFO: r3 queued before w2, so it enters first, and w2 waits for it.
+            assert events[-2:] == ["w out", "r3 in"] and "w2 in" not in events
+            r3_go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events[-2:] == ["r3 out", "w2 in"]
+            w2_go.set()
+        assert not lock.locked()
+
+    trio.run(main)

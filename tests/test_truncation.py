@@ -237,3 +237,18 @@ def test_truncates_through_the_mount_leave_no_record(store: Store):
         assert path.stat().st_size == size
     assert os.listdir(store.backing / ".kmsfs.d" / INTENT_DIR) == []
     m.unmount()
+
+
+def test_a_record_past_the_end_of_its_file_is_not_applied(tmp_path: Path):
+    """The file is shorter than the record's cut (changed outside kmsfs since): left
+    alone, with an error in the log, rather than extended with a stale block."""
+    backing = plain_store(tmp_path)
+    data = os.urandom(B)
+    path, dek, file_id = new_file(backing, "f", data)
+    st = path.stat()
+    directory = backing / ".kmsfs.d" / INTENT_DIR
+    directory.mkdir()
+    (directory / "r").write_bytes(TruncateIntent(st.st_dev, st.st_ino, file_id, 5 * 4096, b"z" * 40).to_json())
+    assert TruncationJournal(backing).complete_pending() == ["f: left alone (shorter than expected)"]
+    assert os.listdir(directory) == []
+    assert read_all(path, dek, file_id) == data
