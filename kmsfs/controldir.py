@@ -67,7 +67,8 @@ A command, or a request to a file that answers it, is at most 64 KiB.
 The reason for every refusal is in audit.log and in the daemon's log.
 
 README                 this text
-status                 JSON: store id, format version, HSM module and token, default key, counts
+status                 JSON: store id, format version, block size, HSM module and token, default key,
+                       counts, and the HSM calls since mount (hsm_calls)
 audit.log              JSON lines: time, uid, operation, key, result (and reason)
 default-key            alias of the CMK for new files where no directory names one (user.kmsfs.key)
 create-key             write {"Alias": "...", "Description": "...", "Origin": "EXTERNAL"}, read the answer
@@ -80,6 +81,7 @@ keys/NAME/info         JSON KeyMetadata: KeyId, Alias, Description, KeyState, Or
                        CreateTime, KeyRotationEnabled, RotateDays, LastRotateTime,
                        NextRotateTime, DeletionDate, CurrentVersion
 keys/NAME/state        Enabled, Disabled, PendingDelete or PendingImport; write Enabled or Disabled
+                       (the HSM change runs in a helper that survives a kill: ~0.2 s)
 keys/NAME/description  free text, up to 1024 bytes
 keys/NAME/rotate       any write creates a new key version at once
 keys/NAME/rotation     off, or a period in days (7-365) for automatic rotation
