@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from .envelope import Envelope
+from . import fuseloop
 from .fs import KmsfsOperations
 from .keyregistry import KeyRegistry, key_changes_settled
 from .keystore import HsmError, KeyStore
@@ -307,12 +308,14 @@ def serve(
     if ready_fd is not None:
         os.close(ready_fd)
     unmount = True
+    fuseloop.install()
     try:
         trio.run(_main_loop, ops, resolved_mountpoint, read_ahead_kb)
     except Exception:
         log.exception("the FUSE main loop failed")
         raise
     finally:
+        fuseloop.uninstall()
         try:
             pyfuse3.close(unmount=unmount)
         except Exception:  # the kernel side may already be gone (fusermount3 -u)

@@ -1,0 +1,222 @@
+"""The request loop primitives kmsfs gives pyfuse3 (kmsfs/fuseloop.py).
+
+They skip trio's scheduler while requests are queued; these tests check that
+they keep pyfuse3's contract: one waiter at a time, no request missed, and
+other tasks (timers, finished worker threads) still get to run.  Every mount
+in the rest of the suite runs on them too.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from kmsfs import fuseloop
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_free_read_lock_is_taken_without_a_checkpoint():
+    async def main() -> None:
+        lock = fuseloop.ReadLock()
+        with trio.testing.assert_no_checkpoints():
+            async with lock:
+                assert lock.locked()
+        assert not lock.locked()
+
+    trio.run(main)
+
+
+def test_read_lock_excludes_and_wakes_a_waiter():
+    async def main() -> None:
+        lock = fuseloop.ReadLock()
+        inside = 0
+        most = 0
+        order: list[str] = []
+
+        async def worker(name: str) -> None:
+            nonlocal inside, most
+            async with lock:
+                inside += 1
+                most = max(most, inside)
+                order.append(name)
+                await trio.sleep(0.01)  # holds the lock across a real wait
+                inside -= 1
+
+        async with trio.open_nursery() as nursery:
+            for name in "abcd":
+                nursery.start_soon(worker, name)
+        assert most == 1
+        assert sorted(order) == list("abcd")
+        assert not lock.locked()
+
+    trio.run(main)
+
+
+def test_read_lock_waiter_cancelled_leaves_lock_usable():
+    async def main() -> None:
+        lock = fuseloop.ReadLock()
+        async with lock:
+            with trio.move_on_after(0.01):
+                async with lock:
+                    pytest.fail("taken twice")
+        async with lock:
+            pass
+
+    trio.run(main)
+
+
+def test_queued_request_is_taken_without_the_scheduler(pair):
+    a, b = pair
+
+    async def main() -> None:
+        waiter = fuseloop.ReadinessWaiter(yield_interval=60.0)
+        b.send(b"x")
+        await trio.sleep(0)  # start the interval now
+        with trio.testing.assert_no_checkpoints():
+            for _ in range(100):
+                await waiter.wait_readable(a.fileno())
+        assert waiter.fast == 100
+
+    trio.run(main)
+
+
+def test_waits_for_a_request_that_is_not_there_yet(pair):
+    a, b = pair
+
+    async def main() -> None:
+        waiter = fuseloop.ReadinessWaiter()
+        async with trio.open_nursery() as nursery:
+            async def send_later() -> None:
+                await trio.sleep(0.05)
+                b.send(b"x")
+
+            nursery.start_soon(send_later)
+            start = trio.current_time()
+            with trio.testing.assert_checkpoints():
+                await waiter.wait_readable(a.fileno())
+            assert trio.current_time() - start >= 0.04
+        assert a.recv(1) == b"x"
+        assert waiter.slow == 1
+
+    trio.run(main)
+
+
+def test_other_tasks_still_run_while_requests_keep_coming(pair):
+    # A handler that never awaits anything, with a request always queued: the
+    # loop must still yield every yield_interval, or a timer (the key-state
+    # watcher, a deletion window) or a finished worker thread would starve.
+    a, b = pair
+
+    async def main() -> None:
+        waiter = fuseloop.ReadinessWaiter(yield_interval=0.002)
+        ticks = 0
+        b.send(b"x")
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await trio.sleep(0)
+                ticks += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0)
+            ticks_before = ticks
+            end = time.monotonic() + 0.1
+            while time.monotonic() < end:
+                await waiter.wait_readable(a.fileno())
+            assert ticks - ticks_before >= 10  # ~50 yields in 0.1 s at 2 ms
+            result = await trio.to_thread.run_sync(lambda: 42)  # a worker thread's result arrives
+            assert result == 42
+            nursery.cancel_scope.cancel()
+        assert waiter.fast > 0 and waiter.slow > 0
+
+    trio.run(main)
+
+
+def test_closing_the_fd_ends_a_waiter(pair):
+    a, b = pair
+
+    async def main() -> None:
+        waiter = fuseloop.ReadinessWaiter()
+        async with trio.open_nursery() as nursery:
+            async def close_later() -> None:
+                await trio.sleep(0.02)
+                trio.lowlevel.notify_closing(a)
+
+            nursery.start_soon(close_later)
+            with pytest.raises(trio.ClosedResourceError):
+                await waiter.wait_readable(a.fileno())
+
+    trio.run(main)
+
+
+def test_install_replaces_only_the_two_primitives():
+    try:
+        waiter = fuseloop.install(yield_interval=0.005)
+        shim = pyfuse3.trio
+        assert shim is not trio
+        assert shim.Lock is fuseloop.ReadLock
+        assert shim.lowlevel.wait_readable == waiter.wait_readable
+        assert waiter.yield_interval == 0.005
+        # Everything else pyfuse3 uses is trio's own.
+        assert shim.open_nursery is trio.open_nursery
+        assert shim.ClosedResourceError is trio.ClosedResourceError
+        assert shim.lowlevel.current_task is trio.lowlevel.current_task
+        assert shim.lowlevel.current_trio_token is trio.lowlevel.current_trio_token
+        assert shim.lowlevel.notify_closing is trio.lowlevel.notify_closing
+        with pytest.raises(AttributeError):
+            shim.no_such_name  # noqa: B018
+    finally:
+        fuseloop.uninstall()
+    assert pyfuse3.trio is trio
+
+
+def test_mount_serves_many_small_requests_and_threaded_reads_together(mounted):
+    # Small requests run inline and skip the scheduler; big reads go to worker
+    # threads, whose results must still be delivered while small ones stream in.
+    root = mounted.path
+    big = bytes(range(256)) * 8192  # 2 MiB: read in worker threads
+    (root / "big").write_bytes(big)
+    for i in range(50):
+        (root / f"small{i}").write_bytes(b"%d" % i)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for _ in range(5):
+                assert (root / "big").read_bytes() == big
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def stats() -> None:
+        try:
+            for _ in range(20):
+                for i in range(50):
+                    assert (root / f"small{i}").stat().st_size == len(b"%d" % i)
+                    assert (root / f"small{i}").read_bytes() == b"%d" % i
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)] + [threading.Thread(target=stats) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
