@@ -100,9 +100,14 @@ class CipherFile:
             view = memoryview(data)
             parts: list[bytes | bytearray | memoryview] = []
             pos = 0  # where in ``data`` the next whole block starts
+            old_head = old_tail = None
+            if head_partial and tail_partial and last == first + 1:
+                # Two neighbours (every aligned 4 KiB write in format 2): one pread.
+                both = self._read_blocks(first, 2)
+                old_head, old_tail = both[:bs], both[bs:]
             if head_partial:
                 head = bytearray(bs)
-                old = self._read_block(first)
+                old = self._read_block(first) if old_head is None else old_head
                 head[:len(old)] = old
                 pos = bs - (offset - region_start)
                 head[offset - region_start:] = view[:pos]
@@ -110,7 +115,7 @@ class CipherFile:
             tail_start = last * bs - offset  # where the last block starts in ``data``
             if tail_partial:
                 tail = bytearray(region_end - last * bs)
-                old = self._read_block(last)
+                old = self._read_block(last) if old_tail is None else old_tail
                 tail[:len(old)] = old
                 tail[:end - last * bs] = view[tail_start:]
                 parts += [view[pos:tail_start], tail]
