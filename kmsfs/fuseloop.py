@@ -6,7 +6,7 @@ read_lock`` (a ``trio.Lock``), then ``await trio.lowlevel.wait_readable(fd)`` on
 scheduler, even when the lock is free and the next request is already queued,
 and the fair ``trio.Lock`` hands itself to a parked worker on every release, so
 that each request also switches tasks.  Measured with py-spy during ``ls -lR``,
-that machinery took about a third of the daemon's CPU: more than our handlers.
+that machinery was about 30% of the samples: more than our own handlers.
 
 pyfuse3 looks these primitives up through its module attribute ``pyfuse3.trio``
 (the hook its own asyncio mode uses), so :func:`install` can give it a
@@ -77,7 +77,7 @@ class ReadinessWaiter:
         self.yield_interval = yield_interval
         self._polls: dict[int, select.poll] = {}
         self._last_yield = time.monotonic()
-        #: Requests taken without a trip through the scheduler (for tests and status).
+        #: Requests taken without (fast) and with (slow) a trip through the scheduler, for tests and profiling.
         self.fast = 0
         self.slow = 0
 
