@@ -308,8 +308,8 @@ def serve(
     if ready_fd is not None:
         os.close(ready_fd)
     unmount = True
-    fuseloop.install()
     try:
+        fuseloop.install()
         trio.run(_main_loop, ops, resolved_mountpoint, read_ahead_kb)
     except Exception:
         log.exception("the FUSE main loop failed")
