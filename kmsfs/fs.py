@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from . import fuseloop
 from .cipherfile import CipherFile
 from .truncation import TruncationJournal
 from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
@@ -717,7 +718,7 @@ class KmsfsOperations(pyfuse3.Operations):
         try:
             if size <= INLINE_MAX:
                 return fn(*args)
-            return await trio.to_thread.run_sync(fn, *args)
+            return await fuseloop.run_cpu_bound(fn, *args)
         except BlockAuthError as exc:
             raise IntegrityError(f"{self._path_for_log(node)}: {exc}") from None
 

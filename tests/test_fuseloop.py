@@ -167,14 +167,103 @@ def test_closing_the_fd_ends_a_waiter(pair):
     trio.run(main)
 
 
+def _send_from_thread_after(sock: socket.socket, delay: float) -> threading.Thread:
+    # A thread, not a trio task: a task could not run while the loop spins.
+    def send() -> None:
+        time.sleep(delay)
+        sock.send(b"x")
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def test_request_arriving_while_spinning_is_taken_without_the_scheduler(pair):
+    a, b = pair
+
+    async def main() -> None:
+        waiter = fuseloop.ReadinessWaiter(yield_interval=60.0, spin_interval=5.0)
+        await trio.sleep(0)  # start the interval now
+        sender = _send_from_thread_after(b, 0.02)
+        with trio.testing.assert_no_checkpoints():
+            await waiter.wait_readable(a.fileno())
+        sender.join()
+        assert (waiter.fast, waiter.spun, waiter.slow) == (1, 1, 0)
+
+    trio.run(main)
+
+
+def test_spin_ends_when_the_loop_owes_the_scheduler_a_turn(pair):
+    # Spinning counts against the yield interval: other tasks still run on time.
+    a, b = pair
+
+    async def main() -> None:
+        waiter = fuseloop.ReadinessWaiter(yield_interval=0.01, spin_interval=60.0)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await trio.sleep(0.001)
+                ticks += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0)
+            sender = _send_from_thread_after(b, 0.2)
+            start = time.monotonic()
+            await waiter.wait_readable(a.fileno())
+            assert time.monotonic() - start >= 0.15
+            sender.join()
+            assert ticks >= 20  # the ticker ran while the request was awaited
+            nursery.cancel_scope.cancel()
+        assert waiter.slow == 1 and waiter.spun == 0
+
+    trio.run(main)
+
+
+def test_no_spin_while_a_cpu_bound_job_runs(pair):
+    a, b = pair
+
+    async def main() -> None:
+        waiter = fuseloop.ReadinessWaiter(yield_interval=60.0, spin_interval=60.0)
+        release = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fuseloop.run_cpu_bound, release.wait)
+            await trio.sleep(0.01)  # the job is running in its thread
+            assert fuseloop._cpu_bound_jobs == 1
+            sender = _send_from_thread_after(b, 0.05)
+            await waiter.wait_readable(a.fileno())  # sleeps in trio instead of spinning
+            sender.join()
+            release.set()
+        assert (waiter.spun, waiter.slow) == (0, 1)
+        assert fuseloop._cpu_bound_jobs == 0
+
+    trio.run(main)
+
+
+def test_cpu_bound_job_count_drops_when_the_job_fails():
+    async def main() -> None:
+        def fail() -> None:
+            raise ValueError("boom")
+
+        with pytest.raises(ValueError):
+            await fuseloop.run_cpu_bound(fail)
+        assert fuseloop._cpu_bound_jobs == 0
+        assert await fuseloop.run_cpu_bound(sum, [1, 2]) == 3
+
+    trio.run(main)
+
+
 def test_install_replaces_only_the_two_primitives():
     try:
-        waiter = fuseloop.install(yield_interval=0.005)
+        waiter = fuseloop.install(yield_interval=0.005, spin_interval=0.0001)
         shim = pyfuse3.trio
         assert shim is not trio
         assert shim.Lock is fuseloop.ReadLock
         assert shim.lowlevel.wait_readable == waiter.wait_readable
         assert waiter.yield_interval == 0.005
+        assert waiter.spin_interval == 0.0001
         # Everything else pyfuse3 uses is trio's own.
         assert shim.open_nursery is trio.open_nursery
         assert shim.ClosedResourceError is trio.ClosedResourceError
