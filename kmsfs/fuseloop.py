@@ -17,8 +17,9 @@ namespace that is trio except for two names:
   request reads the next one itself unless it has yielded meanwhile.
 - ``lowlevel.wait_readable``: returns at once when a zero-timeout poll finds a
   request queued.  Since handlers that need no I/O thread never yield either, it
-  still yields to the scheduler at least every ``YIELD_INTERVAL`` seconds, so
-  that timers, finished worker threads and other tasks keep running.
+  still gives the scheduler a turn at least every ``YIELD_INTERVAL`` seconds
+  (a checkpoint, not a sleep), so that timers, finished worker threads and
+  other tasks keep running.
 
 Both keep pyfuse3's contract: one task at a time waits on the fd (the lock),
 and nothing yields between "readable" and pyfuse3's read of the request.
@@ -122,6 +123,8 @@ class ReadinessWaiter:
         self.slow = 0
         #: Of the fast ones, those that arrived while the loop was spinning.
         self.spun = 0
+        #: Turns given to the scheduler without sleeping (every yield_interval).
+        self.yields = 0
 
     def _poll_for(self, fd: int) -> select.poll:
         poller = self._polls.get(fd)
@@ -132,19 +135,24 @@ class ReadinessWaiter:
 
     async def wait_readable(self, fd: int) -> None:
         now = time.monotonic()
-        must_yield_at = self._last_yield + self.yield_interval
-        if now < must_yield_at:
-            poller = self._poll_for(fd)
-            if poller.poll(0):
-                self.fast += 1
-                return
-            if self.spin_interval > 0 and not _cpu_bound_jobs:
-                deadline = min(now + self.spin_interval, must_yield_at)
-                while time.monotonic() < deadline:
-                    if poller.poll(0):
-                        self.fast += 1
-                        self.spun += 1
-                        return
+        if now - self._last_yield >= self.yield_interval:
+            # Let the scheduler run everything else that is ready (timers, results
+            # of worker threads, other tasks) without going to sleep: a request
+            # may well be on its way.
+            await trio.lowlevel.checkpoint()
+            self.yields += 1
+            self._last_yield = now = time.monotonic()
+        poller = self._poll_for(fd)
+        if poller.poll(0):
+            self.fast += 1
+            return
+        if self.spin_interval > 0 and not _cpu_bound_jobs:
+            deadline = min(now + self.spin_interval, self._last_yield + self.yield_interval)
+            while time.monotonic() < deadline:
+                if poller.poll(0):
+                    self.fast += 1
+                    self.spun += 1
+                    return
         self.slow += 1
         await trio.lowlevel.wait_readable(fd)
         self._last_yield = time.monotonic()
