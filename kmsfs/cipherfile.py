@@ -17,10 +17,36 @@ crash in between loses nothing.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from .contentcrypt import BlockAuthError, ContentCipher
 from .format import BLOCK_OVERHEAD, ciphertext_size, plaintext_size_lenient
 from .truncation import TruncationJournal
+
+T = TypeVar("T")
+
+#: Worker threads take turns at bulk crypto (see _bulk_crypto).
+_BULK_CRYPTO = threading.Lock()
+_MAIN_THREAD = threading.main_thread().ident
+
+
+def _bulk_crypto(fn: Callable[..., T], *args: object) -> T:
+    """Encrypt or decrypt a run of blocks, one worker thread at a time.
+
+    AES-GCM on a 4 KiB block releases the GIL for about a microsecond, so two
+    threads decrypting at once hand the GIL back and forth at every block
+    (a futex wakeup each time) and get less done than one.  A worker that
+    waits for this lock waits without the GIL.  Measured on 1 GiB reads from a
+    warm backing cache, 5 interleaved rounds: 528 -> 600 MB/s, 13% less daemon
+    CPU, half the context switches.  The trio thread never takes it: it runs
+    only small requests (fs.INLINE_MAX) and must not stall behind a worker.
+    """
+    if threading.get_ident() == _MAIN_THREAD:
+        return fn(*args)
+    with _BULK_CRYPTO:
+        return fn(*args)
 
 
 class CipherFile:
@@ -61,7 +87,7 @@ class CipherFile:
     def _read_blocks(self, first: int, count: int) -> bytearray:
         want = count * self.cbs
         ct = os.pread(self.fd, want, first * self.cbs)
-        return self.cipher.decrypt(ct, first)
+        return _bulk_crypto(self.cipher.decrypt, ct, first)
 
     def _read_block(self, number: int) -> bytearray:
         return self._read_blocks(number, 1)
@@ -86,7 +112,7 @@ class CipherFile:
         head_partial = offset > region_start
         tail_partial = end < region_end
         if not head_partial and not tail_partial:
-            ct = self.cipher.encrypt(data, first)
+            ct = _bulk_crypto(self.cipher.encrypt, data, first)
         elif first == last:
             # One block, merged with what it held (read-modify-write).
             block = bytearray(region_end - region_start)
@@ -121,7 +147,7 @@ class CipherFile:
                 parts += [view[pos:tail_start], tail]
             else:
                 parts.append(view[pos:])
-            ct = self.cipher.encrypt_parts(parts, first)
+            ct = _bulk_crypto(self.cipher.encrypt_parts, parts, first)
         self._pwrite_all(ct, first * self.cbs)
         return length
 

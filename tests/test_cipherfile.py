@@ -75,3 +75,57 @@ def test_aligned_page_write_over_a_damaged_neighbour_is_refused(tmp_path, damage
         assert path.read_bytes() == before
     finally:
         os.close(fd)
+
+
+class _RecordingCipher:
+    """Wraps a ContentCipher and notes whether the bulk-crypto lock was held."""
+
+    def __init__(self, inner: ContentCipher) -> None:
+        self._inner = inner
+        self.block_size = inner.block_size
+        self.ct_block_size = inner.ct_block_size
+        self.file_id = inner.file_id
+        self.held: list[bool] = []
+
+    def _note(self) -> None:
+        from kmsfs import cipherfile
+
+        self.held.append(cipherfile._BULK_CRYPTO.locked())
+
+    def encrypt(self, data, first):
+        self._note()
+        return self._inner.encrypt(data, first)
+
+    def encrypt_parts(self, parts, first):
+        self._note()
+        return self._inner.encrypt_parts(parts, first)
+
+    def decrypt(self, data, first):
+        self._note()
+        return self._inner.decrypt(data, first)
+
+
+def test_worker_threads_take_turns_at_bulk_crypto_and_the_loop_thread_never_waits(tmp_path):
+    import threading
+
+    cipher = _RecordingCipher(ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE))
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        cf = CipherFile(fd, cipher)  # type: ignore[arg-type]
+        data = os.urandom(3 * DEFAULT_BLOCK_SIZE + 100)
+
+        def in_worker() -> None:
+            cf.write(0, data)  # whole blocks
+            cf.write(10, b"x" * DEFAULT_BLOCK_SIZE)  # merged head and tail
+            assert cf.read(0, len(data))[:10] == data[:10]
+
+        worker = threading.Thread(target=in_worker)
+        worker.start()
+        worker.join()
+        assert cipher.held and all(cipher.held)
+        cipher.held.clear()
+        cf.write(0, data)  # the trio loop's own thread: small requests, no lock
+        assert cf.read(0, len(data)) == data
+        assert cipher.held and not any(cipher.held)
+    finally:
+        os.close(fd)
