@@ -102,7 +102,7 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 #: Mount options that kmsfs itself takes (not passed to FUSE).
 KMSFS_OPTIONS = frozenset({"writeback_cache"})
 #: kmsfs's own options that take a value (``name=value``).
-KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb"})
+KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us"})
 
 #: The kernel's readahead window for the mount, in KiB, set at mount time when
 #: running as root (through /sys/class/bdi).  FUSE's default is 128 KiB, so a
@@ -112,6 +112,11 @@ KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb"})
 #: -> 0.39-0.41 s, wall 1.2-2.1 s -> 0.6-0.7 s.  ``-o read_ahead_kb=N`` overrides
 #: it (0 leaves the kernel's default).
 READ_AHEAD_KB = 1024
+
+#: ``-o spin_us=N``: how long the request loop polls for the next request before
+#: it sleeps (kmsfs/fuseloop.py explains why); 0 turns the spin off.
+SPIN_US = round(fuseloop.SPIN_INTERVAL * 1e6)
+SPIN_US_MAX = 10_000
 
 
 def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
@@ -125,6 +130,21 @@ def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
                 mine = option in KMSFS_OPTIONS or option.partition("=")[0] in KMSFS_VALUE_OPTIONS
                 (own if mine else fuse).add(option)
     return fuse, own
+
+
+def _spin_us(value: str | None) -> int:
+    """The value of ``-o spin_us``; a bad one is reported and the default used."""
+    if value is None:
+        return SPIN_US
+    try:
+        spin_us = int(value)
+    except ValueError:
+        spin_us = -1
+    if not 0 <= spin_us <= SPIN_US_MAX:
+        log.warning("ignoring -o spin_us=%s: not a whole number of microseconds from 0 to %d; using %d",
+                    value, SPIN_US_MAX, SPIN_US)
+        return SPIN_US
+    return spin_us
 
 
 def _option_value(own: set[str], name: str) -> str | None:
@@ -287,6 +307,7 @@ def serve(
     except ValueError:
         log.warning("ignoring -o read_ahead_kb=%s: not a number", read_ahead)
         read_ahead_kb = READ_AHEAD_KB
+    spin_us = _spin_us(_option_value(own_options, "spin_us"))
     if "writeback_cache" in own_options:
         ops.enable_writeback_cache = True
         log.info("writeback cache on: changes made behind this mount's back may go unseen")
@@ -309,7 +330,8 @@ def serve(
         os.close(ready_fd)
     unmount = True
     try:
-        fuseloop.install()
+        fuseloop.install(spin_interval=spin_us / 1e6)
+        log.info("request loop: polls %d us for the next request before sleeping", spin_us)
         trio.run(_main_loop, ops, resolved_mountpoint, read_ahead_kb)
     except Exception:
         log.exception("the FUSE main loop failed")

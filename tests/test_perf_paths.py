@@ -14,15 +14,37 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs.mount import _mount_device, _option_value, _split_options, _unescape_mount_path
+from kmsfs.mount import _mount_device, _option_value, _spin_us, _split_options, _unescape_mount_path
 
 
 def test_own_options_are_split_from_fuse_options():
-    fuse, own = _split_options(["ro,read_ahead_kb=512", "writeback_cache", "allow_other"])
+    fuse, own = _split_options(["ro,read_ahead_kb=512", "writeback_cache", "allow_other,spin_us=0"])
     assert fuse == {"ro", "allow_other"}
-    assert own == {"read_ahead_kb=512", "writeback_cache"}
+    assert own == {"read_ahead_kb=512", "writeback_cache", "spin_us=0"}
     assert _option_value(own, "read_ahead_kb") == "512"
+    assert _option_value(own, "spin_us") == "0"
     assert _option_value(own, "writeback_cache") is None
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, 50), ("0", 0), ("200", 200), ("10000", 10000),
+    ("10001", 50), ("-1", 50), ("fast", 50), ("", 50), ("1.5", 50),
+])
+def test_spin_us_option_values(value, expected, caplog):
+    assert _spin_us(value) == expected
+    bad = value is not None and expected == 50 and value != "50"
+    assert ("ignoring -o spin_us" in caplog.text) == bad
+
+
+def test_mount_takes_spin_us_and_serves_either_way(store):
+    m = store.mount(None, "spin_us=0")
+    (m.path / "f").write_bytes(b"spun? no")
+    assert (m.path / "f").read_bytes() == b"spun? no"
+    assert "polls 0 us for the next request" in m.log()
+    m.unmount()
+    m = store.mount()
+    assert (m.path / "f").read_bytes() == b"spun? no"
+    assert "polls 50 us for the next request" in m.log()
 
 
 def test_mountinfo_paths_are_unescaped():
