@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 KEY_XATTR = "user.kmsfs.key"
 CONTEXT_XATTR = "user.kmsfs.context"
 _RESERVED_XATTR_PREFIX = "user.kmsfs"
+#: The only xattr namespace a mount has (see _supported_xattr).
+_USER_XATTR_PREFIX = b"user."
 
 #: How long the kernel may cache names and attributes.  Everything that
 #: changes the tree goes through this daemon, which keeps the kernel informed;
@@ -1162,7 +1164,7 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode >= CONTROL_BASE:
+        if inode >= CONTROL_BASE or not _supported_xattr(name):
             raise FUSEError(pyfuse3.ENOATTR)
         node = self._inode(inode)
         text = os.fsdecode(name)
@@ -1191,7 +1193,8 @@ class KmsfsOperations(pyfuse3.Operations):
         node = self._inode(inode)
         if stat.S_ISLNK(node.mode):
             return []
-        names = [n for n in os.listxattr(_proc(node.fd)) if n not in (HEADER_XATTR, PROBE_XATTR)]
+        names = [n for n in os.listxattr(_proc(node.fd))
+                 if _supported_xattr(os.fsencode(n)) and n not in (HEADER_XATTR, PROBE_XATTR)]
         if stat.S_ISREG(node.mode):
             header = self._header_of(node)
             if header is not None:
@@ -1204,6 +1207,8 @@ class KmsfsOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode >= CONTROL_BASE:
             raise FUSEError(errno.EPERM)
+        if not _supported_xattr(name):
+            raise FUSEError(errno.EOPNOTSUPP)
         node = self._inode(inode)
         text = os.fsdecode(name)
         if not text.startswith(_RESERVED_XATTR_PREFIX):
@@ -1259,6 +1264,8 @@ class KmsfsOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode >= CONTROL_BASE:
             raise FUSEError(errno.EPERM)
+        if not _supported_xattr(name):
+            raise FUSEError(errno.EOPNOTSUPP)
         node = self._inode(inode)
         text = os.fsdecode(name)
         if text.startswith(_RESERVED_XATTR_PREFIX) and not (
@@ -1294,6 +1301,20 @@ def _prefetch_files(dir_fd: int, names: list[bytes]) -> None:
                 os.close(path_fd)
     finally:
         os.close(dir_fd)
+
+
+def _supported_xattr(name: bytes) -> bool:
+    """Whether a mount has this xattr: the ``user.`` namespace only.
+
+    The others would describe the backing file, not the plaintext one: its
+    SELinux label (``security.selinux``), POSIX ACLs that the mount does not
+    enforce (``system.posix_acl_*``), file capabilities (``security.capability``)
+    and ``trusted.*``.  They are neither shown nor set.  This also answers the
+    ``getxattr`` calls that ``ls -l`` makes for every file, and the one the
+    kernel makes before every write, without a look at the backing file, whose
+    xattrs (the header among them) live in a disk block of their own.
+    """
+    return name.startswith(_USER_XATTR_PREFIX)
 
 
 def _get_raw_xattr_or_none(path: str, name: str) -> bytes | None:

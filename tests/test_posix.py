@@ -16,6 +16,7 @@ import random
 import select
 import shutil
 import socket
+import struct
 import stat
 import subprocess
 import threading
@@ -777,6 +778,47 @@ def test_user_xattrs_pass_through(mounted):
     assert "user.tag" in os.listxattr(d)
     # Content is unaffected.
     assert path.read_bytes() == b"content"
+
+
+NON_USER_XATTRS = ("security.selinux", "security.capability", "system.posix_acl_access",
+                   "system.posix_acl_default", "trusted.note")
+
+
+@pytest.mark.parametrize("name", NON_USER_XATTRS)
+def test_only_the_user_xattr_namespace_exists_on_a_mount(mounted, name):
+    # Such xattrs of the backing file would describe the ciphertext file (its
+    # SELinux label, ACLs the mount does not enforce, file capabilities): a
+    # mount neither shows nor sets them, and the backing file keeps its own.
+    path = mounted.path / "ns"
+    path.write_bytes(b"content")
+    d = mounted.path / "nsdir"
+    d.mkdir()
+    backing = mounted.store.backing / "ns"
+    # A valid ACL (user::rw-, group::r--, other::r--) for the system.posix_acl_* names.
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                           for tag, perm in ((0x01, 6), (0x04, 4), (0x20, 4)))
+    value = acl if name.startswith("system.") else b"v"
+    for target in (path, d, mounted.path):
+        assert oserror(os.getxattr, target, name) in (errno.ENODATA, errno.EOPNOTSUPP)
+        # (The kernel checks some values itself: it refuses a default ACL on a
+        # file with EACCES, a malformed capability with EINVAL.)
+        assert oserror(os.setxattr, target, name, value) in (errno.EOPNOTSUPP, errno.EACCES, errno.EINVAL)
+        if not (name == "system.posix_acl_default" and target == path):  # the kernel says yes to that one
+            assert oserror(os.removexattr, target, name) in (errno.EOPNOTSUPP, errno.ENODATA)
+    # A trusted.* xattr that the backing file carries stays there, unseen.
+    if os.geteuid() == 0 and name == "trusted.note":
+        os.setxattr(backing, name, b"backing only")
+        assert oserror(os.getxattr, path, name) == errno.ENODATA
+        assert name not in os.listxattr(path)
+        assert oserror(os.setxattr, path, name, b"new") == errno.EOPNOTSUPP
+        assert oserror(os.removexattr, path, name) == errno.EOPNOTSUPP
+        assert os.getxattr(backing, name) == b"backing only"
+    assert all(n.startswith("user.") for n in os.listxattr(path))
+    # Writes (the kernel asks for security.capability before each) still work.
+    with open(path, "r+b") as fh:
+        fh.write(b"CONTENT")
+    assert path.read_bytes() == b"CONTENT"
+    assert "ERROR" not in mounted.log()
 
 
 def test_header_xattr_is_hidden_and_protected(mounted):
