@@ -71,6 +71,10 @@ HSM_INLINE_MAX = 0.0002
 #: Opening a file that readdir listed warms this many files listed after it
 #: (see _prefetch_after), up to this many bytes of each.
 PREFETCH_FILES = 16
+#: The window doubles with each refill while a listing is read in order, up to this.
+PREFETCH_FILES_MAX = 64
+#: Prefetching workers at a time: a second one overlaps the next window's disk waits.
+PREFETCH_THREADS = 2
 PREFETCH_BYTES = 256 * 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -244,6 +248,8 @@ class Listing:
     dir_ino: int
     names: list[bytes]
     prefetched_to: int = 0
+    #: Files the next prefetch covers (grows while the listing is read in order).
+    window: int = PREFETCH_FILES
 
 
 @dataclass(eq=False)
@@ -304,7 +310,7 @@ class KmsfsOperations(pyfuse3.Operations):
         #: Recent HSM call latency (seconds, moving average): decides inline or thread.
         self._hsm_latency = 0.0
         #: One prefetching worker at a time (see _prefetch_after).
-        self._prefetch_limiter = trio.CapacityLimiter(1)
+        self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_THREADS)
 
     # ================================================================ inode table
 
@@ -924,16 +930,24 @@ class KmsfsOperations(pyfuse3.Operations):
         starts the reads without waiting), so these waits overlap instead of
         adding up.  Nothing is decrypted, no key is used: the opens themselves
         still do all the checks.
+
+        Like the kernel's readahead, the window starts small (one file read
+        from a big directory should not pull in many others) and doubles with
+        each refill while the reader keeps going, up to PREFETCH_FILES_MAX.
+        Measured on the bench tree (cold tar cf, 3 rounds): a fixed 16 files
+        and one worker 1.32-1.43 s, up to 64 files and two workers 1.20-1.26 s.
         """
         listing, index = listed
-        if self.nursery is None or listing.prefetched_to > index + PREFETCH_FILES // 2:
+        window = listing.window
+        if self.nursery is None or listing.prefetched_to > index + window // 2:
             return
         parent = self.inodes.get(listing.dir_ino)
         if parent is None:
             return
         start = max(index + 1, listing.prefetched_to)
-        names = listing.names[start:index + 1 + PREFETCH_FILES]
-        listing.prefetched_to = index + 1 + PREFETCH_FILES
+        names = listing.names[start:index + 1 + window]
+        listing.prefetched_to = index + 1 + window
+        listing.window = min(2 * window, PREFETCH_FILES_MAX)
         if not names:
             return
         # A descriptor of its own: the directory's may be closed meanwhile.
