@@ -112,6 +112,7 @@ KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us"})
 #: -> 0.39-0.41 s, wall 1.2-2.1 s -> 0.6-0.7 s.  ``-o read_ahead_kb=N`` overrides
 #: it (0 leaves the kernel's default).
 READ_AHEAD_KB = 1024
+READ_AHEAD_KB_MAX = 1 << 20
 
 #: ``-o spin_us=N``: how long the request loop polls for the next request before
 #: it sleeps (kmsfs/fuseloop.py explains why); 0 turns the spin off.
@@ -132,19 +133,19 @@ def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
     return fuse, own
 
 
-def _spin_us(value: str | None) -> int:
-    """The value of ``-o spin_us``; a bad one is reported and the default used."""
+def _whole_number_option(own: set[str], name: str, default: int, maximum: int) -> int:
+    """The value of ``-o name=N`` (0 to maximum); a bad one is reported and the default used."""
+    value = _option_value(own, name)
     if value is None:
-        return SPIN_US
+        return default
     try:
-        spin_us = int(value)
+        number = int(value)
     except ValueError:
-        spin_us = -1
-    if not 0 <= spin_us <= SPIN_US_MAX:
-        log.warning("ignoring -o spin_us=%s: not a whole number of microseconds from 0 to %d; using %d",
-                    value, SPIN_US_MAX, SPIN_US)
-        return SPIN_US
-    return spin_us
+        number = -1
+    if not 0 <= number <= maximum:
+        log.warning("ignoring -o %s=%s: not a whole number from 0 to %d; using %d", name, value, maximum, default)
+        return default
+    return number
 
 
 def _option_value(own: set[str], name: str) -> str | None:
@@ -301,13 +302,8 @@ def serve(
     # Modes arrive from the kernel with the caller's umask already applied.
     os.umask(0)
     fuse_options, own_options = _split_options(options)
-    read_ahead = _option_value(own_options, "read_ahead_kb")
-    try:
-        read_ahead_kb = READ_AHEAD_KB if read_ahead is None else int(read_ahead)
-    except ValueError:
-        log.warning("ignoring -o read_ahead_kb=%s: not a number", read_ahead)
-        read_ahead_kb = READ_AHEAD_KB
-    spin_us = _spin_us(_option_value(own_options, "spin_us"))
+    read_ahead_kb = _whole_number_option(own_options, "read_ahead_kb", READ_AHEAD_KB, READ_AHEAD_KB_MAX)
+    spin_us = _whole_number_option(own_options, "spin_us", SPIN_US, SPIN_US_MAX)
     if "writeback_cache" in own_options:
         ops.enable_writeback_cache = True
         log.info("writeback cache on: changes made behind this mount's back may go unseen")

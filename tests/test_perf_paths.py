@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs.mount import _mount_device, _option_value, _spin_us, _split_options, _unescape_mount_path
+from kmsfs.mount import _mount_device, _option_value, _split_options, _unescape_mount_path, _whole_number_option
 
 
 def test_own_options_are_split_from_fuse_options():
@@ -26,14 +26,20 @@ def test_own_options_are_split_from_fuse_options():
     assert _option_value(own, "writeback_cache") is None
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, 50), ("0", 0), ("200", 200), ("10000", 10000),
-    ("10001", 50), ("-1", 50), ("fast", 50), ("", 50), ("1.5", 50),
+@pytest.mark.parametrize("name, default, maximum", [("spin_us", 50, 10_000), ("read_ahead_kb", 1024, 1 << 20)])
+@pytest.mark.parametrize("value, good", [
+    (None, True), ("0", True), ("200", True), ("MAX", True),
+    ("MAX+1", False), ("-1", False), ("fast", False), ("", False), ("1.5", False),
 ])
-def test_spin_us_option_values(value, expected, caplog):
-    assert _spin_us(value) == expected
-    bad = value is not None and expected == 50 and value != "50"
-    assert ("ignoring -o spin_us" in caplog.text) == bad
+def test_whole_number_options(name, default, maximum, value, good, caplog):
+    if value == "MAX":
+        value = str(maximum)
+    elif value == "MAX+1":
+        value = str(maximum + 1)
+    own = set() if value is None else {f"{name}={value}"}
+    expected = default if value is None or not good else int(value)
+    assert _whole_number_option(own, name, default, maximum) == expected
+    assert (f"ignoring -o {name}={value}" in caplog.text) == (not good)
 
 
 def test_mount_takes_spin_us_and_serves_either_way(store):
