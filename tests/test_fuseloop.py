@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pyfuse3
 import pytest
@@ -29,6 +30,11 @@ def pair():
     yield a, b
     a.close()
     b.close()
+
+
+async def _after(delay: float, action: Callable[[], object]) -> None:
+    await trio.sleep(delay)
+    action()
 
 
 def test_free_read_lock_is_taken_without_a_checkpoint():
@@ -102,11 +108,7 @@ def test_waits_for_a_request_that_is_not_there_yet(pair):
     async def main() -> None:
         waiter = fuseloop.ReadinessWaiter()
         async with trio.open_nursery() as nursery:
-            async def send_later() -> None:
-                await trio.sleep(0.05)
-                b.send(b"x")
-
-            nursery.start_soon(send_later)
+            nursery.start_soon(_after, 0.05, lambda: b.send(b"x"))
             start = trio.current_time()
             with trio.testing.assert_checkpoints():
                 await waiter.wait_readable(a.fileno())
@@ -157,11 +159,7 @@ def test_closing_the_fd_ends_a_waiter(pair):
     async def main() -> None:
         waiter = fuseloop.ReadinessWaiter()
         async with trio.open_nursery() as nursery:
-            async def close_later() -> None:
-                await trio.sleep(0.02)
-                trio.lowlevel.notify_closing(a)
-
-            nursery.start_soon(close_later)
+            nursery.start_soon(_after, 0.02, lambda: trio.lowlevel.notify_closing(a))
             with pytest.raises(trio.ClosedResourceError):
                 await waiter.wait_readable(a.fileno())
 
