@@ -67,7 +67,15 @@ ATTR_TIMEOUT = 1.0
 #: so small requests run inline; large ones (readahead, 1 MiB writes) go to threads.
 INLINE_MAX = 64 * 1024
 #: HSM calls run inline while their moving-average latency stays below this.
-HSM_INLINE_MAX = 0.0002
+#: In the daemon a SoftHSM2 wrap or unwrap takes 160-300 us (its code and token
+#: files are cold by the next call), and a worker-thread round trip 60-300 us
+#: on these VMs, and the worker's return contends for the GIL with the system
+#: call that follows.  With 0.2 ms as the bound, SoftHSM2 hovered around it
+#: and a third of the calls went to threads.  tar xf of the bench tree, daemon
+#: instrumented, back to back: create requests 1.7 -> 0.8 ms, the whole
+#: extract 7.4-9.1 s -> 5.2-5.7 s.  A network HSM, at milliseconds a call,
+#: still goes to threads.
+HSM_INLINE_MAX = 0.001
 #: Opening a file that readdir listed warms this many files listed after it at
 #: first (see _prefetch_after), up to PREFETCH_BYTES of each.
 PREFETCH_FILES = 16
@@ -692,8 +700,9 @@ class KmsfsOperations(pyfuse3.Operations):
     async def _hsm(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the HSM inline while it answers fast, in a worker thread once it doesn't.
 
-        A local SoftHSM2 answers in ~30 us, far less than a thread round trip;
-        a network HSM may take milliseconds, which must not stall the loop.
+        A local SoftHSM2 answers in well under a millisecond, no more than a
+        thread round trip costs (see HSM_INLINE_MAX); a network HSM may take
+        milliseconds, which must not stall the loop.
         The moving average of measured calls decides; one slow call switches
         to threads, and threaded calls keep measuring, so it switches back.
         """
@@ -706,7 +715,7 @@ class KmsfsOperations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(self._timed_hsm_call, fn, *args)
 
     def _timed_hsm_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        # Timed inside the worker: the thread round trip (~100 us) is not the HSM's
+        # Timed inside the worker: the thread round trip is not the HSM's
         # latency, and counting it would keep a fast HSM on threads for good.
         start = time.perf_counter()
         try:
