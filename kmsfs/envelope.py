@@ -3,7 +3,9 @@
 Sits between the key store (PKCS#11) and the backing-store I/O: it turns a
 ``user.kmsfs`` header into a ContentCipher and back.  The DEK exists
 unwrapped only inside the returned ContentCipher (in OpenSSL's key schedule)
-and in this function's frame; it is never logged or written anywhere.
+and in this function's frame, and in the daemon's DekCache (kmsfs/dekcache.py)
+for a while after, so that opening a file it created or opened recently costs
+no HSM call.  It is never logged or written anywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import uuid
 
 from .contentcrypt import ContentCipher
+from .dekcache import DekCache
 from .format import DEK_SIZE, FILE_ID_SIZE, FORMAT_VERSION, FormatError, Header, header_prefix, parse_header
 from .keyregistry import ENABLED, KeyRecord, KeyRegistry
 from .keystore import KeyStore
@@ -41,6 +44,8 @@ class Envelope:
         self.block_size = block_size
         #: The store's format: new files get headers of this version.
         self.format_version = format_version
+        #: DEKs of headers unwrapped or made lately (the daemon's); None: every open asks the HSM.
+        self.dek_cache: DekCache | None = None
 
     def seal_new(self, key: KeyRecord, context: bytes) -> tuple[Header, ContentCipher]:
         """A header for a new file under ``key``'s newest version, and its cipher."""
@@ -53,6 +58,8 @@ class Envelope:
         nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
         header = Header(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context, nonce, wrapped,
                         version)
+        if self.dek_cache is not None:
+            self.dek_cache.put(header.to_bytes(), key_uuid.bytes, dek)
         return header, ContentCipher(dek, file_id, self.block_size)
 
     def parse(self, raw: bytes) -> Header:
@@ -65,12 +72,21 @@ class Envelope:
         return self.registry.snapshot().by_uuid(uuid.UUID(bytes=header.key_id))
 
     def open(self, header: Header) -> ContentCipher:
-        """Unwrap the header's DEK in the HSM (one HSM call)."""
+        """Unwrap the header's DEK in the HSM (one HSM call), unless the DEK cache has it.
+
+        The CMK must be Enabled either way: the cache saves the HSM call only.
+        """
         self._require_enabled(self.key_of(header))
-        key_uuid = uuid.UUID(bytes=header.key_id)
-        dek = self.keystore.unwrap_dek(
-            key_uuid, header.key_version, header.wrap_nonce, header.wrapped_dek, header.prefix()
-        )
+        cache = self.dek_cache
+        raw = header.to_bytes() if cache is not None else b""
+        dek = cache.get(raw) if cache is not None else None
+        if dek is None:
+            key_uuid = uuid.UUID(bytes=header.key_id)
+            dek = self.keystore.unwrap_dek(
+                key_uuid, header.key_version, header.wrap_nonce, header.wrapped_dek, header.prefix()
+            )
+            if cache is not None:
+                cache.put(raw, header.key_id, dek)
         return ContentCipher(dek, header.file_id, header.block_size)
 
     def rewrap(self, header: Header, key: KeyRecord) -> Header:
@@ -87,6 +103,13 @@ class Envelope:
         nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
         return Header(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion,
                       header.context, nonce, wrapped, header.version)
+
+    def forget_key(self, key_id: bytes) -> None:
+        """Drop the cached DEKs of files under the CMK ``key_id`` (16 bytes)."""
+        if self.dek_cache is not None:
+            dropped = self.dek_cache.forget_key(key_id)
+            if dropped:
+                log.debug("dropped %d cached DEKs of CMK %s", dropped, uuid.UUID(bytes=key_id))
 
     @staticmethod
     def _require_enabled(key: KeyRecord) -> None:

@@ -441,7 +441,9 @@ class KmsfsOperations(pyfuse3.Operations):
         self.kms.require(self._caller(ctx), record, "use", operation)
 
     async def _invalidate_key(self, key_id: str) -> None:
-        """Drop the kernel's cached plaintext of every open file under ``key_id``."""
+        """Drop the kernel's cached plaintext of every open file under ``key_id``,
+        and the daemon's cached DEKs of files under it."""
+        self.envelope.forget_key(uuid.UUID(key_id).bytes)
         for inode in list(self.inodes.values()):
             if inode.key_id == key_id:
                 inode.cache_stamp = None

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from .dekcache import DekCache
 from .envelope import Envelope
 from . import fuseloop
 from .fs import KmsfsOperations
@@ -102,7 +103,7 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 #: Mount options that kmsfs itself takes (not passed to FUSE).
 KMSFS_OPTIONS = frozenset({"writeback_cache"})
 #: kmsfs's own options that take a value (``name=value``).
-KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us"})
+KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "dek_cache", "dek_cache_seconds"})
 
 #: The kernel's readahead window for the mount, in KiB, set at mount time when
 #: running as root (through /sys/class/bdi).  FUSE's default is 128 KiB, so a
@@ -118,6 +119,15 @@ READ_AHEAD_KB_MAX = 1 << 20
 #: it sleeps (kmsfs/fuseloop.py explains why); 0 turns the spin off.
 SPIN_US = round(fuseloop.SPIN_INTERVAL * 1e6)
 SPIN_US_MAX = 10_000
+
+#: ``-o dek_cache=N``: how many unwrapped DEKs of files created or opened
+#: lately the daemon keeps, so that opening them again costs no HSM call
+#: (kmsfs/dekcache.py); 0 turns the cache off.  ``-o dek_cache_seconds=S``:
+#: how long one stays after its unwrap.  An entry costs about 0.5 KiB.
+DEK_CACHE = 8192
+DEK_CACHE_MAX = 1 << 20
+DEK_CACHE_SECONDS = 300
+DEK_CACHE_SECONDS_MAX = 86_400
 
 
 def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
@@ -257,6 +267,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "hsm": {"module": uri.module_path, "token": uri.token, "embedded": config.embedded_hsm},
                 **kms.status(),
                 "hsm_calls": dict(keystore.calls),
+                "dek_cache": envelope.dek_cache.stats() if envelope.dek_cache is not None else None,
                 "open_files": sum(1 for i in ops.inodes.values() if i.open_file is not None),
                 "known_inodes": len(ops.inodes),
             }
@@ -304,6 +315,14 @@ def serve(
     fuse_options, own_options = _split_options(options)
     read_ahead_kb = _whole_number_option(own_options, "read_ahead_kb", READ_AHEAD_KB, READ_AHEAD_KB_MAX)
     spin_us = _whole_number_option(own_options, "spin_us", SPIN_US, SPIN_US_MAX)
+    dek_cache = _whole_number_option(own_options, "dek_cache", DEK_CACHE, DEK_CACHE_MAX)
+    dek_cache_seconds = _whole_number_option(own_options, "dek_cache_seconds", DEK_CACHE_SECONDS,
+                                             DEK_CACHE_SECONDS_MAX)
+    if dek_cache and dek_cache_seconds:
+        ops.envelope.dek_cache = DekCache(dek_cache, dek_cache_seconds)
+        log.info("DEK cache: up to %d files' keys for %d s after their unwrap", dek_cache, dek_cache_seconds)
+    else:
+        log.info("DEK cache off: every first open of a file asks the HSM")
     if "writeback_cache" in own_options:
         ops.enable_writeback_cache = True
         log.info("writeback cache on: changes made behind this mount's back may go unseen")

@@ -320,7 +320,9 @@ def _after_checks(store: Store, m: Mount, held: int, held_data: bytearray, conte
 
 
 def test_hsm_outage_while_mounted_fails_only_what_needs_the_hsm_and_recovers(store):
-    m = store.mount()
+    # Without the DEK cache, so that every first open needs the HSM (the next
+    # test shows what the cache keeps working).
+    m = store.mount(None, "dek_cache=0")
     create_key(m, "proj")
     (m.path / "d").mkdir()
     os.setxattr(m.path / "d", "user.kmsfs.key", b"proj")
@@ -353,6 +355,20 @@ def test_hsm_outage_while_mounted_fails_only_what_needs_the_hsm_and_recovers(sto
         assert code == 8, report
         assert "cannot check" in report["stderr"] and "token directory" in report["stderr"], report["stderr"]
     assert fsck(store)[0] == 0
+
+
+def test_files_in_the_dek_cache_open_during_an_hsm_outage_until_their_entry_expires(store):
+    m = store.mount(None, "dek_cache_seconds=3")
+    data = os.urandom(10_000)
+    (m.path / "recent").write_bytes(data)
+    created = time.monotonic()
+    with token_gone(store):
+        assert (m.path / "recent").read_bytes() == data  # its DEK is cached since the create
+        assert errno_of((m.path / "new").write_bytes, b"x") == errno.EIO  # a create still needs the HSM
+        time.sleep(max(0.0, created + 3.2 - time.monotonic()))
+        assert errno_of((m.path / "recent").read_bytes) == errno.EIO  # expired: the HSM is needed again
+    assert (m.path / "recent").read_bytes() == data
+    assert not log_lines(m, "unexpected error", "main loop failed"), m.log()[-4000:]
 
 
 WRITER = textwrap.dedent("""

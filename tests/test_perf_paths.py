@@ -18,15 +18,19 @@ from kmsfs.mount import _mount_device, _option_value, _split_options, _unescape_
 
 
 def test_own_options_are_split_from_fuse_options():
-    fuse, own = _split_options(["ro,read_ahead_kb=512", "writeback_cache", "allow_other,spin_us=0"])
+    fuse, own = _split_options(["ro,read_ahead_kb=512", "writeback_cache", "allow_other,spin_us=0",
+                                "dek_cache=10,dek_cache_seconds=5"])
     assert fuse == {"ro", "allow_other"}
-    assert own == {"read_ahead_kb=512", "writeback_cache", "spin_us=0"}
+    assert own == {"read_ahead_kb=512", "writeback_cache", "spin_us=0", "dek_cache=10", "dek_cache_seconds=5"}
     assert _option_value(own, "read_ahead_kb") == "512"
     assert _option_value(own, "spin_us") == "0"
     assert _option_value(own, "writeback_cache") is None
 
 
-@pytest.mark.parametrize("name, default, maximum", [("spin_us", 50, 10_000), ("read_ahead_kb", 1024, 1 << 20)])
+@pytest.mark.parametrize("name, default, maximum", [
+    ("spin_us", 50, 10_000), ("read_ahead_kb", 1024, 1 << 20), ("dek_cache", 8192, 1 << 20),
+    ("dek_cache_seconds", 300, 86_400),
+])
 @pytest.mark.parametrize("value, good", [
     (None, True), ("0", True), ("200", True), ("MAX", True),
     ("MAX+1", False), ("-1", False), ("fast", False), ("", False), ("1.5", False),
@@ -182,15 +186,20 @@ def test_close_sends_no_flush_and_reports_no_error(mounted):
     assert path.read_bytes() == b"".join(b"line %d\n" % i for i in range(5))
 
 
-def _hsm_calls(mount) -> dict[str, int]:
+def _status(mount) -> dict:
     import json
 
-    return json.loads((mount.path / ".kmsfs" / "status").read_bytes())["hsm_calls"]
+    return json.loads((mount.path / ".kmsfs" / "status").read_bytes())
+
+
+def _hsm_calls(mount) -> dict[str, int]:
+    return _status(mount)["hsm_calls"]
 
 
 def test_hsm_calls_are_what_docs_operations_says(mounted):
     """Creating N files costs N wraps; opening a file that is already open, and
-    reading, writing and closing it, cost no HSM call; a first open costs one unwrap."""
+    reading, writing and closing it, cost no HSM call; neither does opening a
+    file this mount created or opened lately (the DEK cache)."""
     n = 25
     before = _hsm_calls(mounted)
     for i in range(n):
@@ -199,15 +208,77 @@ def test_hsm_calls_are_what_docs_operations_says(mounted):
     assert after_create["encrypt"] - before["encrypt"] == n
     assert after_create["decrypt"] == before["decrypt"]  # the creating handle keeps its DEK
 
-    with open(mounted.path / "f3", "rb") as held:  # first open after the creator closed: one unwrap
+    with open(mounted.path / "f3", "rb") as held:  # open after the creator closed: the DEK cache has it
         opened = _hsm_calls(mounted)
-        assert opened["decrypt"] - after_create["decrypt"] <= 1
+        assert opened == after_create
         for _ in range(10):  # more opens while it is open: none
             with open(mounted.path / "f3", "r+b") as again:
                 again.write(b"y")
                 assert again.read(10)
         assert held.read() and _hsm_calls(mounted) == opened
     assert _hsm_calls(mounted)["encrypt"] == after_create["encrypt"]
+    assert _status(mounted)["dek_cache"]["hits"] >= 1
+
+
+def _open_close_unwraps(mount, names: list[str], rounds: int) -> int:
+    """HSM unwraps for opening and closing each file ``rounds`` times."""
+    before = _hsm_calls(mount)["decrypt"]
+    for _ in range(rounds):
+        for name in names:
+            assert (mount.path / name).read_bytes() == name.encode() * 100
+    return _hsm_calls(mount)["decrypt"] - before
+
+
+def test_the_dek_cache_saves_unwraps_across_opens_and_dek_cache_0_turns_it_off(store):
+    names = [f"f{i}" for i in range(5)]
+    m = store.mount()
+    for name in names:
+        (m.path / name).write_bytes(name.encode() * 100)
+    assert _open_close_unwraps(m, names, 3) == 0  # created here: cached since the wrap
+    assert _status(m)["dek_cache"]["entries"] >= 5
+    assert "DEK cache: up to 8192 files' keys for 300 s" in m.log()
+    m.unmount()
+
+    m = store.mount()  # the cache lives in the daemon only: one unwrap per file, then none
+    assert _status(m)["dek_cache"] == {"entries": 0, "hits": 0, "misses": 0}
+    assert _open_close_unwraps(m, names, 3) == 5
+    m.unmount()
+
+    m = store.mount(None, "dek_cache=0")
+    assert _status(m)["dek_cache"] is None
+    assert _open_close_unwraps(m, names, 3) == 15  # every first open asks the HSM
+    assert "DEK cache off" in m.log()
+    m.unmount()
+
+    m = store.mount(None, "dek_cache=2,dek_cache_seconds=600")
+    assert _open_close_unwraps(m, names, 2) == 10  # 5 files through 2 entries: always evicted in time
+    assert _status(m)["dek_cache"]["entries"] == 2
+    assert "DEK cache: up to 2 files' keys for 600 s" in m.log()
+
+
+def test_a_key_state_change_drops_its_cached_deks_and_a_disabled_key_refuses_them(mounted):
+    from test_lifecycle import create_key, key_dir, kpath, write_ctl
+
+    import errno
+
+    create_key(mounted, "proj")
+    d = key_dir(mounted, "d", "proj")
+    for i in range(3):
+        (d / f"p{i}").write_bytes(b"secret %d" % i)
+    (mounted.path / "other").write_bytes(b"default key")
+    assert _status(mounted)["dek_cache"]["entries"] == 4
+
+    write_ctl(kpath(mounted, "proj", "state"), "Disabled")
+    assert _status(mounted)["dek_cache"]["entries"] == 1  # only the default key's file
+    with pytest.raises(OSError) as refused:
+        (d / "p0").read_bytes()
+    assert refused.value.errno == errno.EACCES
+
+    write_ctl(kpath(mounted, "proj", "state"), "Enabled")
+    before = _hsm_calls(mounted)["decrypt"]
+    assert [(d / f"p{i}").read_bytes() for i in range(3)] == [b"secret %d" % i for i in range(3)]
+    assert (mounted.path / "other").read_bytes() == b"default key"
+    assert _hsm_calls(mounted)["decrypt"] - before == 3  # proj's DEKs came from the HSM again
 
 
 def test_node_lock_shares_reads_and_excludes_changes_in_order():
