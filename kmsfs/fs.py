@@ -303,6 +303,9 @@ class KmsfsOperations(pyfuse3.Operations):
         self.control = ControlDir(kms, status, self._start_rewrap, self._invalidate_key)
         #: Set by the main loop: where background jobs (rewrap) run.
         self.nursery: trio.Nursery | None = None
+        #: Descriptors of forgotten inodes that a worker is about to close (see _close_forgotten).
+        self._closing: list[int] = []
+        self._closer_running = False
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(root_fd)
         self._root_dev_ino = (st.st_dev, st.st_ino)
@@ -359,11 +362,37 @@ class KmsfsOperations(pyfuse3.Operations):
         inode.nlookup += 1
         return inode, st
 
-    def _forget_one(self, inode: Inode, count: int) -> None:
+    def _forget_one(self, inode: Inode, count: int, close_later: bool = False) -> None:
         inode.nlookup -= count
         if inode.nlookup <= 0 and inode.open_file is None and inode.ino != pyfuse3.ROOT_INODE:
             del self.inodes[inode.ino]
-            os.close(inode.fd)
+            if close_later and self.nursery is not None:
+                self._closing.append(inode.fd)
+                if not self._closer_running:
+                    self._closer_running = True
+                    self.nursery.start_soon(self._close_forgotten)
+            else:
+                os.close(inode.fd)
+
+    async def _close_forgotten(self) -> None:
+        """Close the descriptors of forgotten inodes in a worker thread, in batches.
+
+        The kernel forgets an unlinked file after the unlink, and closing our
+        O_PATH descriptor, the file's last reference, is when ext4 frees it:
+        its blocks and the xattr block that holds the header.  That took about
+        250 us per file on the loop, in the middle of rm -rf's unlinks.  A
+        worker does it beside the loop instead.  Nothing else refers to these
+        descriptors any more.
+        """
+        try:
+            while self._closing:
+                batch, self._closing = self._closing, []
+                await trio.to_thread.run_sync(_close_all, batch)
+        finally:
+            self._closer_running = False
+            if self._closing:  # the mount is ending: close the rest here
+                batch, self._closing = self._closing, []
+                _close_all(batch)
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -543,7 +572,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 continue  # virtual nodes live as long as the mount
             inode = self.inodes.get(ino)
             if inode is not None:
-                self._forget_one(inode, count)
+                self._forget_one(inode, count, close_later=True)
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -1300,6 +1329,14 @@ class KmsfsOperations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         self._dir_policy.clear()
         os.removexattr(_proc(node.fd), name)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            log.warning("could not close the descriptor of a forgotten inode: %s", exc)
 
 
 def _prefetch_files(dir_fd: int, names: list[bytes]) -> None:
