@@ -67,7 +67,13 @@ class CipherFile:
 
     # ------------------------------------------------------------------ read
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """The plaintext at ``offset``: a view into the decrypted blocks, not a copy.
+
+        pyfuse3 replies from any buffer; copying out the requested range cost
+        a 1 MiB memcpy per readahead request.  1 MiB reads with the backing
+        file in the page cache, 6 interleaved rounds: median 0.67 -> 0.61 ms.
+        """
         ct_size = os.fstat(self.fd).st_size
         size = plaintext_size_lenient(ct_size, self.bs)
         if length > 0 and offset + length >= size and ct_size > ciphertext_size(size, self.bs):
@@ -82,7 +88,7 @@ class CipherFile:
         last = (end - 1) // self.bs
         plain = self._read_blocks(first, last - first + 1)
         start = offset - first * self.bs
-        return bytes(memoryview(plain)[start:start + end - offset])
+        return memoryview(plain)[start:start + end - offset]
 
     def _read_blocks(self, first: int, count: int) -> bytearray:
         want = count * self.cbs

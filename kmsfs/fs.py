@@ -1063,7 +1063,7 @@ class KmsfsOperations(pyfuse3.Operations):
         return handle
 
     @_fuse_op
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         control = self._handles.get(fh)
         if isinstance(control, ControlHandle):
             return await self.control.read(control, off, size)
