@@ -384,15 +384,19 @@ class KmsfsOperations(pyfuse3.Operations):
         worker does it beside the loop instead.  Nothing else refers to these
         descriptors any more.
         """
+        batch: list[int] = []
         try:
             while self._closing:
                 batch, self._closing = self._closing, []
+                # Cancellable only before the thread starts; once started, trio
+                # waits for it and returns normally, and batch is cleared below.
                 await trio.to_thread.run_sync(_close_all, batch)
+                batch = []
         finally:
             self._closer_running = False
-            if self._closing:  # the mount is ending: close the rest here
-                batch, self._closing = self._closing, []
-                _close_all(batch)
+            rest, self._closing = batch + self._closing, []
+            if rest:  # the mount is ending: close the rest here
+                _close_all(rest)
 
     def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
