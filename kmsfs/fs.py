@@ -362,11 +362,11 @@ class KmsfsOperations(pyfuse3.Operations):
         inode.nlookup += 1
         return inode, st
 
-    def _forget_one(self, inode: Inode, count: int, close_later: bool = False) -> None:
+    def _forget_one(self, inode: Inode, count: int) -> None:
         inode.nlookup -= count
         if inode.nlookup <= 0 and inode.open_file is None and inode.ino != pyfuse3.ROOT_INODE:
             del self.inodes[inode.ino]
-            if close_later and self.nursery is not None:
+            if self.nursery is not None:
                 self._closing.append(inode.fd)
                 if not self._closer_running:
                     self._closer_running = True
@@ -381,7 +381,8 @@ class KmsfsOperations(pyfuse3.Operations):
         O_PATH descriptor, the file's last reference, is when ext4 frees it:
         its blocks and the xattr block that holds the header.  That took about
         250 us per file on the loop, in the middle of rm -rf's unlinks.  A
-        worker does it beside the loop instead.  Nothing else refers to these
+        worker does it beside the loop instead, for every inode dropped from
+        the table once the loop runs.  Nothing else refers to these
         descriptors any more.
         """
         batch: list[int] = []
@@ -576,7 +577,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 continue  # virtual nodes live as long as the mount
             inode = self.inodes.get(ino)
             if inode is not None:
-                self._forget_one(inode, count, close_later=True)
+                self._forget_one(inode, count)
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -89,6 +89,17 @@ def test_forgotten_files_descriptors_are_all_closed_and_their_space_freed(mounte
     assert (mounted.path / "after").read_bytes() == b"still here"
 
 
+def test_a_descriptor_that_will_not_close_is_reported_and_the_rest_are_closed(caplog):
+    from kmsfs.fs import _close_all
+
+    r, w = os.pipe()
+    os.close(r)  # already closed: EBADF
+    _close_all([r, w])
+    assert "could not close the descriptor of a forgotten inode" in caplog.text
+    with pytest.raises(OSError):
+        os.fstat(w)  # closed despite the failure before it
+
+
 def test_mountinfo_paths_are_unescaped():
     assert _unescape_mount_path(r"/tmp/a\040b\011c") == "/tmp/a b\tc"
     assert _unescape_mount_path("/plain") == "/plain"
