@@ -81,9 +81,5 @@ class DekCache:
                 del self._entries[header]
             return len(gone)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses}

@@ -78,31 +78,33 @@ class Envelope:
         """
         self._require_enabled(self.key_of(header))
         cache = self.dek_cache
-        raw = header.to_bytes() if cache is not None else b""
-        dek = cache.get(raw) if cache is not None else None
+        if cache is None:
+            return ContentCipher(self._unwrap(header), header.file_id, header.block_size)
+        raw = header.to_bytes()
+        dek = cache.get(raw)
         if dek is None:
-            key_uuid = uuid.UUID(bytes=header.key_id)
-            dek = self.keystore.unwrap_dek(
-                key_uuid, header.key_version, header.wrap_nonce, header.wrapped_dek, header.prefix()
-            )
-            if cache is not None:
-                cache.put(raw, header.key_id, dek)
+            dek = self._unwrap(header)
+            cache.put(raw, header.key_id, dek)
         return ContentCipher(dek, header.file_id, header.block_size)
 
     def rewrap(self, header: Header, key: KeyRecord) -> Header:
         """The same DEK and file id under ``key``'s newest version (no content change)."""
         self._require_enabled(self.key_of(header))
         self._require_enabled(key)
-        old_uuid = uuid.UUID(bytes=header.key_id)
-        dek = self.keystore.unwrap_dek(
-            old_uuid, header.key_version, header.wrap_nonce, header.wrapped_dek, header.prefix()
-        )
+        dek = self._unwrap(header)
         key_uuid = key.key_uuid
         prefix = header_prefix(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion,
                                header.context, header.version)
         nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
         return Header(header.block_size, header.file_id, key_uuid.bytes, key.CurrentVersion,
                       header.context, nonce, wrapped, header.version)
+
+    def _unwrap(self, header: Header) -> bytes:
+        """The header's DEK, from the HSM (one call)."""
+        return self.keystore.unwrap_dek(
+            uuid.UUID(bytes=header.key_id), header.key_version, header.wrap_nonce, header.wrapped_dek,
+            header.prefix(),
+        )
 
     def forget_key(self, key_id: bytes) -> None:
         """Drop the cached DEKs of files under the CMK ``key_id`` (16 bytes)."""
