@@ -32,6 +32,19 @@ def pair():
     b.close()
 
 
+class _Ticker:
+    """A task that counts its turns: shows that the loop lets other tasks run."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            self.ticks += 1
+
+
 async def _after(delay: float, action: Callable[[], object]) -> None:
     await trio.sleep(delay)
     action()
@@ -127,23 +140,17 @@ def test_other_tasks_still_run_while_requests_keep_coming(pair):
 
     async def main() -> None:
         waiter = fuseloop.ReadinessWaiter(yield_interval=0.002)
-        ticks = 0
+        ticker = _Ticker(0)
         b.send(b"x")
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await trio.sleep(0)
-                ticks += 1
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ticker)
+            nursery.start_soon(ticker.run)
             await trio.sleep(0)
-            ticks_before = ticks
+            ticks_before = ticker.ticks
             end = time.monotonic() + 0.1
             while time.monotonic() < end:
                 await waiter.wait_readable(a.fileno())
-            assert ticks - ticks_before >= 10  # ~50 yields in 0.1 s at 2 ms
+            assert ticker.ticks - ticks_before >= 10  # ~50 yields in 0.1 s at 2 ms
             result = await trio.to_thread.run_sync(lambda: 42)  # a worker thread's result arrives
             assert result == 42
             nursery.cancel_scope.cancel()
@@ -198,23 +205,17 @@ def test_spin_ends_when_the_loop_owes_the_scheduler_a_turn(pair):
 
     async def main() -> None:
         waiter = fuseloop.ReadinessWaiter(yield_interval=0.01, spin_interval=60.0)
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await trio.sleep(0.001)
-                ticks += 1
+        ticker = _Ticker(0.001)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ticker)
+            nursery.start_soon(ticker.run)
             await trio.sleep(0)
             sender = _send_from_thread_after(b, 0.2)
             start = time.monotonic()
             await waiter.wait_readable(a.fileno())
             assert time.monotonic() - start >= 0.15
             sender.join()
-            assert ticks >= 20  # the ticker ran while the request was awaited
+            assert ticker.ticks >= 20  # the ticker ran while the request was awaited
             nursery.cancel_scope.cancel()
         assert waiter.slow == 1 and waiter.spun == 0
 
