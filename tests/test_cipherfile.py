@@ -67,7 +67,9 @@ def test_aligned_page_write_over_a_damaged_neighbour_is_refused(tmp_path, damage
     try:
         cf = CipherFile(fd, cipher)
         cf.write(0, os.urandom(4 * bs))
-        os.pwrite(fd, b"\xff", damaged * cbs + 100)
+        at = damaged * cbs + 100
+        # Flip the byte: writing a fixed value left it unchanged 1 time in 256.
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
         before = path.read_bytes()
         with pytest.raises(BlockAuthError) as info:
             cf.write(4096, b"x" * 4096)  # bytes 4096..8191: the ends of blocks 1 and 2
