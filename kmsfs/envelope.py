@@ -107,9 +107,7 @@ class Envelope:
         )
 
     def forget_key(self, key_id: bytes) -> None:
-        """Drop the cached DEKs of files under the CMK ``key_id`` (16 bytes), and the
-        key store's session copies of it: the key stopped being Enabled."""
-        self.keystore.drop_session_copies(uuid.UUID(bytes=key_id))
+        """Drop the cached DEKs of files under the CMK ``key_id`` (16 bytes)."""
         if self.dek_cache is not None:
             dropped = self.dek_cache.forget_key(key_id)
             if dropped:

@@ -25,7 +25,6 @@ import logging
 import os
 import struct
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -44,9 +43,6 @@ GCM_TAG_BITS = 128
 # python-pkcs11 has no exception class for this return value; it reports the code.
 CKR_KEY_FUNCTION_NOT_PERMITTED = 0x68
 _VERSION = struct.Struct(">I")
-#: How long a session copy of a key object serves wraps and unwraps (see KeyStore._capable).
-SESSION_COPY_SECONDS = 1.0
-_COPY_ID_PREFIX = b"session-copy:"
 
 
 class HsmError(Exception):
@@ -183,7 +179,7 @@ def object_label(key_id: uuid.UUID, version: int) -> str:
 class KeyStore:
     """A logged-in session on one PKCS#11 token."""
 
-    def __init__(self, uri: Pkcs11Uri, env: dict[str, str] | None = None, session_copies: bool = True) -> None:
+    def __init__(self, uri: Pkcs11Uri, env: dict[str, str] | None = None) -> None:
         self.uri = uri
         #: Given again to the attribute-change helper, which opens its own session.
         self._env = dict(env or {})
@@ -206,12 +202,6 @@ class KeyStore:
         #: the status file: the documented HSM cost of each operation is tested on it.
         self.calls = {"encrypt": 0, "decrypt": 0}
         self._handles: dict[bytes, Any] = {}
-        #: Session copies of key objects for wraps and unwraps, with when each
-        #: stops serving (time.monotonic()); see _capable.
-        self._copies: dict[bytes, tuple[Any, float]] = {}
-        #: Whether wraps and unwraps use session copies (see _capable).  False when
-        #: asked (scripts/bench-hsm compares both ways), or once the module refused to copy a key.
-        self.session_copies = session_copies
         #: Set when the token stopped answering; the next call reconnects first.
         self._broken = False
         log.info("logged in to PKCS#11 token %r (module %s)", uri.token, uri.module_path)
@@ -268,7 +258,7 @@ class KeyStore:
                 log.error("the PKCS#11 token %r stopped answering (%s); reconnecting",
                           self.uri.token, _describe(exc))
             self._broken = True
-            self._forget_handles()
+            self._handles.clear()
         self._reconnect()
         return fn()
 
@@ -288,7 +278,7 @@ class KeyStore:
         token still does not answer.
         """
         self._broken = True
-        self._forget_handles()
+        self._handles.clear()
         try:
             self._session.close()
         except Exception as exc:  # the session may be long dead; nothing to keep of it
@@ -319,7 +309,7 @@ class KeyStore:
 
     def close(self) -> None:
         with self._lock:
-            self._forget_handles()
+            self._handles.clear()
             try:
                 self._session.close()
             except p11exc.PKCS11Error:
@@ -355,7 +345,6 @@ class KeyStore:
                 )
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM could not generate a key: {_describe(exc)}") from exc
-            self._drop_copy(oid)
             self._handles[oid] = key
 
         with self._lock:
@@ -409,7 +398,7 @@ class KeyStore:
             with self._lock:
                 # Cached handles carry the old attributes; look them up afresh next time.
                 for change in changes:
-                    self._drop_handle(object_id(change.key_id, change.version))
+                    self._handles.pop(object_id(change.key_id, change.version), None)
 
     def set_usable_in_process(self, key_id: uuid.UUID, version: int, usable: bool) -> bool:
         """The attribute change itself, in this process.  Only the helper (hsmchange.py) calls it.
@@ -427,7 +416,7 @@ class KeyStore:
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM refused to change key {key_id} v{version}: {_describe(exc)}") from exc
             finally:
-                self._drop_handle(object_id(key_id, version))
+                self._handles.pop(object_id(key_id, version), None)
             return True
 
         with self._lock:
@@ -440,7 +429,7 @@ class KeyStore:
                 key.destroy()
             except p11exc.PKCS11Error as exc:
                 raise HsmError(f"the HSM could not destroy key {key_id} v{version}: {_describe(exc)}") from exc
-            self._drop_handle(object_id(key_id, version))
+            self._handles.pop(object_id(key_id, version), None)
 
         with self._lock:
             self._call(op)
@@ -514,7 +503,6 @@ class KeyStore:
             except p11exc.PKCS11Error as exc:
                 errors.append(f"OAEP {digest.name}: {_describe(exc)}")
                 continue
-            self._drop_handle(object_id(key_id, version))
             self._handles[object_id(key_id, version)] = key
             log.info("imported key material for CMK %s version %d (OAEP %s)", key_id, version, digest.name)
             return
@@ -595,89 +583,24 @@ class KeyStore:
         return key
 
     def _capable(self, key_id: uuid.UUID, version: int, function: str) -> Any:
-        """A handle of the key able to ``function``: a session copy of it when the module allows.
-
-        SoftHSM2 re-reads a token object's file before every use, under file
-        locks: about a dozen system calls per wrap or unwrap, some 80 us of a
-        call in the daemon, where system calls run with cold caches
-        (scripts/bench-hsm).  A copy of the key in our session (C_CopyObject
-        with CKA_TOKEN false) is used from memory.  The copy stays inside the HSM and keeps the
-        original's CKA_SENSITIVE and CKA_EXTRACTABLE, which PKCS#11 forbids a
-        copy to weaken.  It serves for SESSION_COPY_SECONDS.  The call after
-        that uses the token object itself, so that the module checks the key
-        (and the token) for real, and makes the copy that serves the calls
-        after it: a change made to the key object in the HSM directly (not
-        through kmsfs), or a token that went away, is seen within that time
-        even by a module that serves copies from memory.  Changes through
-        kmsfs drop the copies at once (_drop_handle, drop_session_copies),
-        and every file open checks the registry anyway.
+        """The key's handle, able to ``function``.
 
         python-pkcs11 gives a key object encrypt/decrypt methods only if its
         CKA_ENCRYPT/CKA_DECRYPT were true when it was looked up, so a handle
         cached before an enable (here or by another process) is looked up again.
         """
-        oid = object_id(key_id, version)
-        copied = self._copies.get(oid) if self.session_copies else None
-        if copied is not None:
-            if time.monotonic() < copied[1] and hasattr(copied[0], function):
-                return copied[0]
-            self._drop_copy(oid)
         key = self._key(key_id, version)
         if not hasattr(key, function):
             key = self._key(key_id, version, fresh=True)
             if not hasattr(key, function):
                 raise HsmKeyRefused(f"the HSM refuses to {function} with CMK {key_id} v{version} (key disabled)")
-        self._session_copy(oid, key, function)
         return key
-
-    def _session_copy(self, oid: bytes, key: Any, function: str) -> None:
-        """Copy ``key`` into the session for the next calls with ``function``, unless the module won't."""
-        if not self.session_copies:
-            return
-        try:
-            # Its own CKA_ID and label: session objects are visible to every session of
-            # this process, and a lookup by the key's id must keep finding one object.
-            copy = key.copy({Attribute.TOKEN: False, Attribute.ID: _COPY_ID_PREFIX + oid,
-                             Attribute.LABEL: "kmsfs session copy"})
-        except p11exc.PKCS11Error as exc:
-            if _is_connection_error(exc):
-                raise
-            # CKA_COPYABLE false, or no C_CopyObject: use the token object every time.
-            self.session_copies = False
-            log.info("the HSM does not copy keys into the session (%s); every wrap and unwrap "
-                     "uses the key object on the token", _describe(exc))
-            return
-        if not hasattr(copy, function):  # the key changed in between: no copy until it is usable
-            _destroy_quietly(copy)
-            return
-        self._copies[oid] = (copy, time.monotonic() + SESSION_COPY_SECONDS)
-
-    def drop_session_copies(self, key_id: uuid.UUID) -> None:
-        """Stop using the session copies of every version of ``key_id`` (a state change)."""
-        with self._lock:
-            for oid in [oid for oid in self._copies if oid[:16] == key_id.bytes]:
-                self._drop_copy(oid)
-
-    def _drop_copy(self, oid: bytes) -> None:
-        copied = self._copies.pop(oid, None)
-        if copied is not None:
-            _destroy_quietly(copied[0])
-
-    def _drop_handle(self, oid: bytes) -> None:
-        """Forget the handle and the session copy of one key version (its attributes changed)."""
-        self._handles.pop(oid, None)
-        self._drop_copy(oid)
-
-    def _forget_handles(self) -> None:
-        """Forget every handle and copy: the session is being closed or is gone, and its copies with it."""
-        self._handles.clear()
-        self._copies.clear()
 
     def _use_error(self, exc: Exception, key_id: uuid.UUID, version: int, op: str) -> HsmError:
         if _code(exc) == CKR_KEY_FUNCTION_NOT_PERMITTED:
             return HsmKeyRefused(f"the HSM refuses to {op} with CMK {key_id} v{version} (key disabled)")
         if isinstance(exc, (p11exc.ObjectHandleInvalid, p11exc.KeyHandleInvalid)):
-            self._drop_handle(object_id(key_id, version))
+            self._handles.pop(object_id(key_id, version), None)
             return HsmKeyMissing(f"CMK {key_id} version {version} is no longer in the HSM")
         if op == "decrypt" and isinstance(
             exc, (p11exc.GeneralError, p11exc.EncryptedDataInvalid, p11exc.EncryptedDataLenRange)
@@ -685,14 +608,6 @@ class KeyStore:
             # SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR.
             return HsmUnwrapFailed(f"CMK {key_id} v{version} could not unwrap: data or context altered")
         return HsmError(f"HSM {op} with CMK {key_id} v{version} failed: {_describe(exc)}")
-
-
-def _destroy_quietly(copy: Any) -> None:
-    """Destroy a session copy; one that can't be destroyed goes with the session at the latest."""
-    try:
-        copy.destroy()
-    except p11exc.PKCS11Error as exc:
-        log.debug("destroying a session copy of a key failed: %s", _describe(exc))
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -147,9 +147,6 @@ class SoftwareKeyStore:
         except InvalidTag:
             raise HsmUnwrapFailed("could not unwrap") from None
 
-    def drop_session_copies(self, key_id: uuid.UUID) -> None:
-        """No session copies in software."""
-
 
 @pytest.fixture
 def envelope(tmp_path: Path):

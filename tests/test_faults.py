@@ -95,20 +95,11 @@ def backing_names(store: Store, rel: str = "") -> set[str]:
 
 @contextmanager
 def token_gone(store: Store) -> Iterator[None]:
-    """The SoftHSM2 token vanishes (its directory is renamed away) and comes back.
-
-    SoftHSM2 keeps serving the daemon's session copies of keys from memory
-    (kmsfs/keystore.py); a network HSM's outage ends its sessions and their
-    copies with them.  So the outage starts once the copies made before it
-    have expired: from then on, every wrap and unwrap needs the token.
-    """
-    from kmsfs.keystore import SESSION_COPY_SECONDS
-
+    """The SoftHSM2 token vanishes (its directory is renamed away) and comes back."""
     tokens = store.state_dir / "tokens"
     away = store.state_dir / "tokens.away"
     os.rename(tokens, away)
     try:
-        time.sleep(SESSION_COPY_SECONDS + 0.1)
         yield
     finally:
         os.rename(away, tokens)
