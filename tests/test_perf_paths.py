@@ -6,8 +6,11 @@ they keep the results exact.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -66,8 +69,6 @@ def test_forgotten_files_descriptors_are_all_closed_and_their_space_freed(mounte
     the file's last reference, is when ext4 frees it, and a worker thread does
     that beside the loop.  Every descriptor must still be closed: none may leak,
     and the backing filesystem must get the space back."""
-    import shutil
-
     base = _open_descriptors(mounted)
     tree = mounted.path / "many"
     tree.mkdir()
@@ -230,8 +231,6 @@ def test_close_sends_no_flush_and_reports_no_error(mounted):
 
 
 def _status(mount) -> dict:
-    import json
-
     return json.loads((mount.path / ".kmsfs" / "status").read_bytes())
 
 
@@ -301,8 +300,6 @@ def test_the_dek_cache_saves_unwraps_across_opens_and_dek_cache_0_turns_it_off(s
 
 def test_a_key_state_change_drops_its_cached_deks_and_a_disabled_key_refuses_them(mounted):
     from test_lifecycle import create_key, key_dir, kpath, write_ctl
-
-    import errno
 
     create_key(mounted, "proj")
     d = key_dir(mounted, "d", "proj")
