@@ -8,6 +8,7 @@ child's message.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -286,6 +287,36 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Buffers up to this size come from the heap, not from mmap: every request of
+#: up to 1 MiB allocates one for its data, on the request loop's thread too.
+MALLOC_MMAP_THRESHOLD = 4 << 20
+#: Free memory the heap keeps instead of handing back to the kernel.
+MALLOC_TRIM_THRESHOLD = 16 << 20
+
+
+def _tune_allocator() -> None:
+    """Keep glibc from mapping and unmapping a fresh buffer for every big request.
+
+    By default glibc serves 1 MiB from the main thread's heap only after the
+    first one is freed, and hands the freed memory back to the kernel as soon
+    as two of them lie free at the top of the heap; the next request
+    page-faults it all in again (on these VMs, the host takes it back too).
+    Reading 512 MiB with the request loop decrypting: 248,000 page faults,
+    0 after this.  Worker threads' heaps did not show it.  Fixed thresholds
+    cost at most MALLOC_TRIM_THRESHOLD of resident memory per heap.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        log.debug("no mallopt: the C library's default allocation policy stays")
+        return
+    if not (mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)):
+        log.debug("mallopt refused the thresholds; the default allocation policy stays")
+
+
 def serve(
     backing: Path, mountpoint: Path, options: list[str], uri_override: str | None,
     ready_fd: int | None = None,
@@ -306,6 +337,7 @@ def serve(
         report(f"ERROR {exc}")
         return 1
     _raise_fd_limit()
+    _tune_allocator()
     # Resolved before mounting: once mounted, touching the mountpoint would
     # wait for this very process to serve it.
     pidfile = pidfile_for(mountpoint)

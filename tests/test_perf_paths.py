@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -99,6 +101,35 @@ def test_a_descriptor_that_will_not_close_is_reported_and_the_rest_are_closed(ca
     assert "could not close the descriptor of a forgotten inode" in caplog.text
     with pytest.raises(OSError):
         os.fstat(w)  # closed despite the failure before it
+
+
+_ALLOCATE_1MIB_BUFFERS = """
+import resource, sys
+if sys.argv[1] == "tuned":
+    from kmsfs.mount import _tune_allocator
+    _tune_allocator()
+replies = []
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(200):  # what a 1 MiB read does: ciphertext in, plaintext out and replied
+    ciphertext = bytes((1 << 20) + 7000)
+    plaintext = bytearray(1 << 20)
+    del ciphertext
+    replies.append(bytes(100))  # the reply's small objects, allocated meanwhile
+    del plaintext
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_the_allocator_keeps_request_sized_buffers_instead_of_faulting_them_in_anew():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _ALLOCATE_1MIB_BUFFERS, mode], capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout)
+
+    # 200 requests of 2 MiB would be 100,000 pages faulted in.
+    assert faults("tuned") < 1_000
+    # The default policy does fault them in anew, which is why the daemon tunes it.
+    assert faults("default") > 20_000
 
 
 def test_mountinfo_paths_are_unescaped():
