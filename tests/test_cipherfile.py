@@ -7,6 +7,7 @@ truncates and reads over small blocks reach all of them quickly.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmsfs.cipherfile import CipherFile
+from kmsfs import cipherfile
+from kmsfs.cipherfile import CipherFile, WouldBlock
 from kmsfs.contentcrypt import BlockAuthError, ContentCipher
 from kmsfs.format import BLOCK_OVERHEAD, DEFAULT_BLOCK_SIZE
 
@@ -49,6 +51,8 @@ def test_random_writes_and_truncates_match_a_bytearray(tmp_path_factory, ops):
                     del model[offset:]
             assert cf.size() == len(model)
             assert cf.read(0, len(model) + SMALL) == bytes(model)
+            # What was just written is in the page cache: the loop's read gets it too.
+            assert cf.read(0, len(model) + SMALL, nowait=True) == bytes(model)
         for start in range(0, len(model) + 1, 7):
             assert cf.read(start, 3 * SMALL + 5) == bytes(model[start:start + 3 * SMALL + 5])
     finally:
@@ -129,5 +133,75 @@ def test_worker_threads_take_turns_at_bulk_crypto_and_the_loop_thread_never_wait
         cf.write(0, data)  # the trio loop's own thread: small requests, no lock
         assert cf.read(0, len(data)) == data
         assert cipher.held and not any(cipher.held)
+    finally:
+        os.close(fd)
+
+
+def _written_file(tmp_path: Path, blocks: int) -> tuple[int, CipherFile, bytes]:
+    cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    cf = CipherFile(fd, cipher)
+    data = os.urandom(blocks * DEFAULT_BLOCK_SIZE - 1000)
+    cf.write(0, data)
+    os.fsync(fd)  # clean pages, so that the kernel can drop them
+    return fd, cf, data
+
+
+def test_nowait_read_serves_cached_blocks_and_will_not_wait_for_the_disk(tmp_path):
+    fd, cf, data = _written_file(tmp_path, 64)
+    try:
+        assert cf.read(0, len(data), nowait=True) == data
+        assert cf.read(5000, 70000, nowait=True) == data[5000:75000]
+        assert cf.read(len(data) - 10, 4096, nowait=True) == data[-10:]  # the short last block
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(WouldBlock):
+            cf.read(0, len(data), nowait=True)
+        assert cf.read(0, len(data)) == data  # a worker thread's read waits for the disk
+        assert cf.read(0, len(data), nowait=True) == data  # and leaves the blocks cached
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("code", ["EAGAIN", "EOPNOTSUPP", "EINVAL"])
+def test_nowait_read_would_block_when_the_kernel_cannot_promise(tmp_path, monkeypatch, code):
+    # EOPNOTSUPP: a file system without RWF_NOWAIT; EINVAL: a kernel before 4.14.
+    fd, cf, data = _written_file(tmp_path, 8)
+    try:
+        def refuse(*args: object) -> int:
+            raise OSError(getattr(errno, code), code)
+
+        monkeypatch.setattr(cipherfile.os, "preadv", refuse)
+        with pytest.raises(WouldBlock):
+            cf.read(0, len(data), nowait=True)
+        monkeypatch.undo()
+        assert cf.read(0, len(data), nowait=True) == data
+    finally:
+        os.close(fd)
+
+
+def test_nowait_read_of_a_partly_cached_range_would_block(tmp_path, monkeypatch):
+    fd, cf, data = _written_file(tmp_path, 8)
+    real_preadv = os.preadv
+    try:
+        def half(fd_: int, buffers: list, offset: int, flags: int = 0) -> int:
+            view = memoryview(buffers[0])
+            return real_preadv(fd_, [view[:len(view) // 2]], offset, flags)
+
+        monkeypatch.setattr(cipherfile.os, "preadv", half)
+        with pytest.raises(WouldBlock):
+            cf.read(0, len(data), nowait=True)
+    finally:
+        os.close(fd)
+
+
+def test_nowait_read_of_a_damaged_block_fails_like_any_read(tmp_path):
+    fd, cf, data = _written_file(tmp_path, 8)
+    try:
+        at = 5 * (DEFAULT_BLOCK_SIZE + BLOCK_OVERHEAD) + 200
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x01]), at)
+        with pytest.raises(BlockAuthError) as info:
+            cf.read(0, len(data), nowait=True)
+        assert info.value.block_number == 5
+        assert cf.read(0, 5 * DEFAULT_BLOCK_SIZE, nowait=True) == data[:5 * DEFAULT_BLOCK_SIZE]
     finally:
         os.close(fd)

@@ -205,6 +205,39 @@ def test_truncated_to_a_stub_of_the_last_block(store, tail):
     assert_intact(m, "other", contents)
 
 
+@pytest.mark.parametrize("backing_cached", [True, False], ids=["backing-cached", "backing-on-disk"])
+def test_flipped_bit_in_a_big_sequential_read(store, backing_cached):
+    """Readahead-sized requests: decrypted on the request loop when the backing
+    blocks are in the page cache, in a worker thread when they must come from
+    the disk.  Both refuse a damaged block and serve the blocks before it."""
+    size = 4 << 20
+    contents = setup_files(store, {"victim": size, "other": size})
+    damaged = 700  # inside the third MiB
+    flip_bit(backing(store, "victim"), damaged * CB + NONCE_SIZE + 9)
+    for name in contents:
+        path = backing(store, name)
+        if backing_cached:
+            path.read_bytes()
+        else:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    m = store.mount()
+    with open(m.path / "victim", "rb") as fh:
+        # The damaged MiB first: uncached, its request must go to a worker.
+        fh.seek(2 << 20)
+        with pytest.raises(OSError) as info:
+            fh.read(1 << 20)
+        assert info.value.errno == errno.EIO
+        fh.seek(0)
+        assert fh.read(2 << 20) == contents["victim"][:2 << 20]
+    assert_logged(m, "victim", f"block {damaged}", "authentication failed")
+    assert_intact(m, "other", contents)
+
+
 # --------------------------------------------------------------------------- the header
 
 
