@@ -11,6 +11,7 @@ no HSM call.  It is never logged or written anywhere.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import uuid
@@ -34,6 +35,12 @@ class HeaderError(Exception):
     """The header is missing, malformed or of an unsupported version."""
 
     errno = errno.EIO
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_name(key_id: bytes) -> str:
+    """The registry's name of a CMK (its UUID as text) from a header's 16 bytes."""
+    return str(uuid.UUID(bytes=key_id))
 
 
 class Envelope:
@@ -71,12 +78,27 @@ class Envelope:
     def key_of(self, header: Header) -> KeyRecord:
         return self.registry.snapshot().by_uuid(uuid.UUID(bytes=header.key_id))
 
+    def _recent_key_of(self, header: Header) -> KeyRecord:
+        """``key_of`` as ``keys.json`` was at most REVALIDATE_SECONDS ago.
+
+        For every open: it saves a stat() of keys.json per open, and changes
+        made by another mount still count within the second that the docs
+        give them (this mount's own are seen at once).  Only an Enabled key
+        is taken from there: a key missing there may be new, and one not
+        Enabled there may have been enabled again meanwhile, so for those a
+        fresh snapshot() has the last word.
+        """
+        record = self.registry.recent().keys.get(_key_name(header.key_id))
+        if record is not None and record.KeyState == ENABLED:
+            return record
+        return self.key_of(header)
+
     def open(self, header: Header) -> ContentCipher:
         """Unwrap the header's DEK in the HSM (one HSM call), unless the DEK cache has it.
 
         The CMK must be Enabled either way: the cache saves the HSM call only.
         """
-        self._require_enabled(self.key_of(header))
+        self._require_enabled(self._recent_key_of(header))
         cache = self.dek_cache
         if cache is None:
             return ContentCipher(self._unwrap(header), header.file_id, header.block_size)

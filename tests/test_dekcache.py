@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from kmsfs.contentcrypt import ContentCipher
 from kmsfs.dekcache import DekCache
 from kmsfs.envelope import Envelope, KeyUnusable
 from kmsfs.format import Header, parse_header
-from kmsfs.keyregistry import DISABLED, ENABLED, KeyRegistry, new_key_record
+from kmsfs.keyregistry import DISABLED, ENABLED, REVALIDATE_SECONDS, KeyRegistry, new_key_record
 from kmsfs.keystore import HsmUnwrapFailed
 from kmsfs.store import store_dir
 
@@ -254,6 +255,22 @@ def test_a_disabled_key_refuses_a_cached_dek_and_forget_key_drops_it(envelope):
     env.open(parse_header(h1.to_bytes()))
     env.open(parse_header(h2.to_bytes()))
     assert keystore.calls["decrypt"] == 1  # one's DEK had to come from the HSM again, two's did not
+
+
+def test_another_mounts_disable_counts_within_revalidate_seconds_and_its_enable_at_once(envelope, tmp_path):
+    # Opens read keys.json as it was at most REVALIDATE_SECONDS ago (no stat
+    # per open); only a key that is Enabled there is taken without a look.
+    env, keystore, registry, records = envelope
+    one = records["one"]
+    header, _ = env.seal_new(one, b"")
+    other_mount = KeyRegistry(tmp_path)
+    _set_state(other_mount, one.KeyId, DISABLED)
+    time.sleep(REVALIDATE_SECONDS + 0.05)
+    with pytest.raises(KeyUnusable):
+        env.open(parse_header(header.to_bytes()))
+    _set_state(other_mount, one.KeyId, ENABLED)
+    env.open(parse_header(header.to_bytes()))  # at once: a refusal is always checked afresh
+    assert keystore.calls["decrypt"] == 0  # the cached DEK served both times
 
 
 def test_rewrap_asks_the_hsm_and_the_new_header_opens(envelope):
