@@ -926,8 +926,9 @@ class KmsfsOperations(pyfuse3.Operations):
         # Cached plaintext stays only if the backing file is exactly as it was
         # when we last served or changed it: damage or changes made behind our
         # back (another mount, an editor on the backing store) are seen at once.
-        keep = node.cache_stamp is not None and node.cache_stamp == _stamp(os.fstat(node.fd))
-        node.cache_stamp = _stamp(os.fstat(node.fd))
+        stamp = _stamp(os.fstat(node.fd))
+        keep = node.cache_stamp is not None and node.cache_stamp == stamp
+        node.cache_stamp = stamp
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     async def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
