@@ -78,27 +78,17 @@ class Envelope:
     def key_of(self, header: Header) -> KeyRecord:
         return self.registry.snapshot().by_uuid(uuid.UUID(bytes=header.key_id))
 
-    def _recent_key_of(self, header: Header) -> KeyRecord:
-        """``key_of`` as ``keys.json`` was at most REVALIDATE_SECONDS ago.
-
-        For every open: it saves a stat() of keys.json per open, and changes
-        made by another mount still count within the second that the docs
-        give them (this mount's own are seen at once).  Only an Enabled key
-        is taken from there: a key missing there may be new, and one not
-        Enabled there may have been enabled again meanwhile, so for those a
-        fresh snapshot() has the last word.
-        """
-        record = self.registry.recent().keys.get(_key_name(header.key_id))
-        if record is not None and record.KeyState == ENABLED:
-            return record
-        return self.key_of(header)
+    def _key_for_use(self, header: Header) -> KeyRecord:
+        """``key_of`` for every open: keys.json as KeyRegistry.record_for_use sees it."""
+        record = self.registry.record_for_use(_key_name(header.key_id))
+        return record if record is not None else self.key_of(header)  # key_of says why it is missing
 
     def open(self, header: Header) -> ContentCipher:
         """Unwrap the header's DEK in the HSM (one HSM call), unless the DEK cache has it.
 
         The CMK must be Enabled either way: the cache saves the HSM call only.
         """
-        self._require_enabled(self._recent_key_of(header))
+        self._require_enabled(self._key_for_use(header))
         cache = self.dek_cache
         if cache is None:
             return ContentCipher(self._unwrap(header), header.file_id, header.block_size)

@@ -472,11 +472,7 @@ class KmsfsOperations(pyfuse3.Operations):
         key_id = open_file.key_id
         if key_id is None:
             return
-        record = self.registry.recent().keys.get(key_id)
-        if record is None or record.KeyState != "Enabled":
-            # Not usable as of up to REVALIDATE_SECONDS ago: maybe new, or
-            # enabled again by another mount since; the file itself decides.
-            record = self.registry.snapshot().keys.get(key_id)
+        record = self.registry.record_for_use(key_id)
         if record is None:
             raise KeyUnusable(f"{self._path_for_log(node)}: CMK {key_id} no longer exists")
         if record.KeyState != "Enabled":

@@ -200,17 +200,31 @@ class KeyRegistry:
             return self._revalidate(time.monotonic())
 
     def recent(self) -> Registry:
-        """The registry as of at most REVALIDATE_SECONDS ago, for the read/write path.
+        """The registry as of at most REVALIDATE_SECONDS ago (see record_for_use).
 
         Changes made through this object are seen at once; changes by another
-        mount within REVALIDATE_SECONDS.  It saves a stat() per read and write.
-        A key missing here may be new: look it up again with snapshot().
+        mount within REVALIDATE_SECONDS.  It saves a stat() of keys.json.
         """
         now = time.monotonic()
         with self._mutex:
             if self._cached is not None and now - self._checked < REVALIDATE_SECONDS:
                 return self._cached
             return self._revalidate(now)
+
+    def record_for_use(self, key_id: str) -> KeyRecord | None:
+        """``key_id``'s record for a request (open, read, write) to check its state.
+
+        An Enabled key is taken from recent(), which saves a stat() of
+        keys.json per request: a disable by another mount counts within
+        REVALIDATE_SECONDS.  A key missing there (it may be new) or not
+        Enabled there (it may have been enabled again) is looked up in
+        snapshot(), so that nothing is refused on a stale view.  None: no
+        such key.
+        """
+        record = self.recent().keys.get(key_id)
+        if record is not None and record.KeyState == ENABLED:
+            return record
+        return self.snapshot().keys.get(key_id)
 
     def _revalidate(self, now: float) -> Registry:
         stamp = self._stamp()

@@ -270,7 +270,23 @@ def test_another_mounts_disable_counts_within_revalidate_seconds_and_its_enable_
         env.open(parse_header(header.to_bytes()))
     _set_state(other_mount, one.KeyId, ENABLED)
     env.open(parse_header(header.to_bytes()))  # at once: a refusal is always checked afresh
-    assert keystore.calls["decrypt"] == 0  # the cached DEK served both times
+    assert keystore.calls["decrypt"] == 0  # the open came from the DEK cache, no HSM call
+
+
+def test_record_for_use_never_refuses_on_a_stale_view(envelope, tmp_path):
+    env, keystore, registry, records = envelope
+    one = records["one"]
+    assert registry.record_for_use(one.KeyId).KeyState == ENABLED  # the view is now fresh
+    other_mount = KeyRegistry(tmp_path)
+    new = new_key_record("new", "0")
+    other_mount.update(lambda reg: reg.keys.__setitem__(new.KeyId, new))
+    assert registry.record_for_use(new.KeyId).Alias == "new"  # missing in the view: looked up at once
+    _set_state(other_mount, one.KeyId, DISABLED)
+    time.sleep(REVALIDATE_SECONDS + 0.05)
+    assert registry.record_for_use(one.KeyId).KeyState == DISABLED
+    _set_state(other_mount, one.KeyId, ENABLED)
+    assert registry.record_for_use(one.KeyId).KeyState == ENABLED  # not Enabled in the view: looked up at once
+    assert registry.record_for_use(str(uuid.uuid4())) is None
 
 
 def test_rewrap_asks_the_hsm_and_the_new_header_opens(envelope):
