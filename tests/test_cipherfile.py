@@ -195,6 +195,21 @@ def test_nowait_read_would_block_when_the_kernel_cannot_promise(tmp_path, monkey
         os.close(fd)
 
 
+def test_nowait_read_passes_on_other_errors(tmp_path, monkeypatch):
+    # Only "would wait" errors send the read to a worker; anything else is the caller's.
+    fd, cf, data = _written_file(tmp_path, 8)
+    try:
+        def fail(*args: object) -> int:
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr(cipherfile.os, "preadv", fail)
+        with pytest.raises(OSError) as info:
+            cf.read(0, len(data), nowait=True)
+        assert info.value.errno == errno.EIO and not isinstance(info.value, WouldBlock)
+    finally:
+        os.close(fd)
+
+
 def test_nowait_read_of_a_partly_cached_range_would_block(tmp_path, monkeypatch):
     fd, cf, data = _written_file(tmp_path, 8)
     real_preadv = os.preadv

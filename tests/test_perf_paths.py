@@ -132,6 +132,28 @@ def test_the_allocator_keeps_request_sized_buffers_instead_of_faulting_them_in_a
     assert faults("default") > 20_000
 
 
+class _NoMallopt:
+    """A C library without mallopt (musl, say)."""
+
+
+class _RefusingMallopt:
+    @staticmethod
+    def mallopt(param: int, value: int) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("libc, message", [
+    (_NoMallopt(), "no mallopt"), (_RefusingMallopt(), "mallopt refused the thresholds"),
+])
+def test_allocator_tuning_that_cannot_be_done_leaves_the_default_and_says_so(monkeypatch, caplog, libc, message):
+    from kmsfs import mount
+
+    monkeypatch.setattr(mount.ctypes, "CDLL", lambda name: libc)
+    with caplog.at_level("DEBUG", logger="kmsfs.mount"):
+        mount._tune_allocator()  # no exception: the mount goes on
+    assert message in caplog.text
+
+
 def test_mountinfo_paths_are_unescaped():
     assert _unescape_mount_path(r"/tmp/a\040b\011c") == "/tmp/a b\tc"
     assert _unescape_mount_path("/plain") == "/plain"
