@@ -70,7 +70,7 @@ ATTR_TIMEOUT = 1.0
 #: that would wait for the disk goes to a worker thread.  The thread round
 #: trip, and the GIL changing hands between the loop and a worker at every
 #: 4 KiB block, cost more than the decryption: 512 MiB sequential reads with
-#: the backing file cached, 3 interleaved rounds, 541-638 -> 1079-1116 MB/s
+#: the backing file cached, 4 interleaved rounds, 577-678 -> 1004-1156 MB/s
 #: (with the allocator tuning in mount.py; without it the loop thread's
 #: 1 MiB buffers are page-faulted in anew on every request).  The loop is
 #: busy for about half a millisecond per 1 MiB request meanwhile.
