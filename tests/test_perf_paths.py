@@ -108,6 +108,11 @@ import resource, sys
 if sys.argv[1] == "tuned":
     from kmsfs.mount import _tune_allocator
     _tune_allocator()
+else:  # glibc's starting thresholds, held fixed: every 1 MiB buffer is mapped anew
+    import ctypes
+    from kmsfs.mount import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD
+    libc = ctypes.CDLL(None)
+    assert libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10) and libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
 replies = []
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(200):  # what a 1 MiB read does: ciphertext in, plaintext out and replied
@@ -128,8 +133,11 @@ def test_the_allocator_keeps_request_sized_buffers_instead_of_faulting_them_in_a
 
     # 200 requests of 2 MiB would be 100,000 pages faulted in.
     assert faults("tuned") < 1_000
-    # The default policy does fault them in anew, which is why the daemon tunes it.
-    assert faults("default") > 20_000
+    # The control: with small thresholds the same requests are faulted in anew.
+    # glibc's own default moves its thresholds as buffers come and go, so how
+    # often it faults depends on the heap's history (1,800 to 250,000 seen);
+    # the daemon fixes them for that reason.
+    assert faults("small") > 20_000
 
 
 class _NoMallopt:
