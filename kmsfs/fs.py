@@ -14,6 +14,7 @@ operation goes through ``_fuse_op``, the one place where exceptions become
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -1018,11 +1019,18 @@ class KmsfsOperations(pyfuse3.Operations):
         self.nursery.start_soon(self._prefetch, dir_fd, names)
 
     async def _prefetch(self, dir_fd: int, names: list[bytes]) -> None:
+        # Whoever pops the descriptor first closes it: the worker thread if it
+        # starts, this task if it is cancelled (at unmount) before that, while
+        # it waits for the limiter.  list.pop is atomic under the GIL.
+        unclaimed = [dir_fd]
         try:
-            await trio.to_thread.run_sync(_prefetch_files, dir_fd, names, limiter=self._prefetch_limiter,
+            await trio.to_thread.run_sync(_prefetch_files, unclaimed, names, limiter=self._prefetch_limiter,
                                           abandon_on_cancel=True)
         except Exception:  # advisory only: never let it disturb the mount
             log.debug("prefetch failed", exc_info=True)
+        finally:
+            with contextlib.suppress(IndexError):
+                os.close(unclaimed.pop())
 
     async def _load(self, node: Inode, fd: int) -> OpenFile:
         try:
@@ -1369,8 +1377,16 @@ def _close_all(fds: list[int]) -> None:
             log.warning("could not close the descriptor of a forgotten inode: %s", exc)
 
 
-def _prefetch_files(dir_fd: int, names: list[bytes]) -> None:
-    """Bring headers and first data of regular files into the backing cache (blocking)."""
+def _prefetch_files(unclaimed: list[int], names: list[bytes]) -> None:
+    """Bring headers and first data of regular files into the backing cache (blocking).
+
+    Takes the directory's descriptor from ``unclaimed``, and closes it, unless
+    the task that handed it over has taken it back already.
+    """
+    try:
+        dir_fd = unclaimed.pop()
+    except IndexError:
+        return
     try:
         for name in names:
             try:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,41 @@ def test_tree_read_in_listing_order_with_prefetch(mounted):
     assert "ERROR" not in mounted.log(), mounted.log()[-2000:]
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_prefetch_closes_its_directory_descriptor_whether_it_runs_or_is_cancelled(tmp_path, cancelled):
+    """A prefetch cancelled at unmount while it waits for a worker must not leak its descriptor."""
+    import trio
+    import trio.testing
+
+    from kmsfs.fs import KmsfsOperations
+
+    (tmp_path / "a").write_bytes(b"x" * 5000)
+    limiter = trio.CapacityLimiter(1)
+    ops = types.SimpleNamespace(_prefetch_limiter=limiter)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if cancelled:
+                await limiter.acquire()  # every worker busy: the prefetch waits
+            nursery.start_soon(KmsfsOperations._prefetch, ops, dir_fd, [b"a"])
+            await trio.testing.wait_all_tasks_blocked()
+            if cancelled:
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not _is_open(dir_fd)
+
+
 def test_close_sends_no_flush_and_reports_no_error(mounted):
     path = mounted.path / "closed"
     for i in range(5):
@@ -388,6 +424,7 @@ def test_node_lock_shares_reads_and_excludes_changes_in_order():
     waits for the readers in progress; readers arriving after a waiting change
     wait for it; changes exclude each other."""
     import trio
+    import trio.testing
     import trio.testing
 
     from kmsfs.fs import NodeLock
