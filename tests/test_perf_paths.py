@@ -318,6 +318,27 @@ def test_prefetch_closes_its_directory_descriptor_whether_it_runs_or_is_cancelle
     assert not _is_open(dir_fd)
 
 
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_descriptors_of_forgotten_inodes_are_closed_also_when_the_mount_ends_first(tmp_path, cancelled):
+    """The closing worker's batch is closed by the loop itself if unmount cancels it first."""
+    import trio
+
+    from kmsfs.fs import KmsfsOperations
+
+    fds = [os.open(tmp_path, os.O_PATH) for _ in range(3)]
+    ops = types.SimpleNamespace(_closing=list(fds), _closer_running=True)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(KmsfsOperations._close_forgotten, ops)
+            if cancelled:  # before the task first runs: its thread never starts
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert [fd for fd in fds if _is_open(fd)] == []
+    assert ops._closing == [] and ops._closer_running is False
+
+
 def test_close_sends_no_flush_and_reports_no_error(mounted):
     path = mounted.path / "closed"
     for i in range(5):
