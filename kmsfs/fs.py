@@ -14,7 +14,6 @@ operation goes through ``_fuse_op``, the one place where exceptions become
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -45,6 +44,7 @@ from .format import (
 )
 from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
 from .keystore import HsmError
+from .prefetch import Prefetcher
 from .kms import Caller, KeyService, KmsError, RewrapProgress
 from .rewrap import rewrap_key
 from .store import PROBE_XATTR, RESERVED_ROOT_NAMES, StoreError
@@ -87,13 +87,10 @@ INLINE_MAX = 64 * 1024
 #: still goes to threads.
 HSM_INLINE_MAX = 0.001
 #: Opening a file that readdir listed warms this many files listed after it at
-#: first (see _prefetch_after), up to PREFETCH_BYTES of each.
+#: first (see _prefetch_after).
 PREFETCH_FILES = 16
 #: The window doubles with each refill while a listing is read in order, up to this.
 PREFETCH_FILES_MAX = 64
-#: Prefetching workers at a time: a second one overlaps the next window's disk waits.
-PREFETCH_THREADS = 2
-PREFETCH_BYTES = 256 * 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -330,8 +327,9 @@ class KmsfsOperations(pyfuse3.Operations):
         self._dir_policy: dict[int, tuple[str | None, bytes, float]] = {}
         #: Recent HSM call latency (seconds, moving average): decides inline or thread.
         self._hsm_latency = 0.0
-        #: At most PREFETCH_THREADS prefetching workers at a time (see _prefetch_after).
-        self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_THREADS)
+        #: The helper process that warms the backing cache (see _prefetch_after);
+        #: None: no prefetching.  Set and closed by the mount.
+        self.prefetcher: Prefetcher | None = None
 
     # ================================================================ inode table
 
@@ -988,22 +986,21 @@ class KmsfsOperations(pyfuse3.Operations):
         Reading a tree (tar, cp -r, grep -r) opens the files of a directory in
         the order readdir gave them, and cold, each open waits for the disk
         twice: the header xattr (a block of its own on ext4, as it does not fit
-        in the inode) and the first data blocks.  A worker thread reads the next
-        files' headers and asks for their data (posix_fadvise WILLNEED, which
-        starts the reads without waiting), so these waits overlap instead of
-        adding up.  Nothing is decrypted, no key is used: the opens themselves
-        still do all the checks.
+        in the inode) and the first data blocks.  A helper process reads the
+        next files' headers and asks for their data (kmsfs/prefetch.py), so
+        these waits overlap instead of adding up.  Nothing is decrypted, no
+        key is used: the opens themselves still do all the checks.
 
         Like the kernel's readahead, the window starts small (one file read
         from a big directory should not pull in many others) and doubles with
         each refill while the reader keeps going, up to PREFETCH_FILES_MAX.
         Measured on the bench tree (cold tar cf, 3 interleaved rounds): a fixed
-        16 files and one worker 1.36-1.44 s, up to 64 files and two workers
-        1.22-1.33 s.
+        16 files and one worker thread 1.36-1.44 s, up to 64 files and two
+        worker threads 1.22-1.33 s; see kmsfs/prefetch.py for the helper process.
         """
         listing, index = listed
         window = listing.window
-        if self.nursery is None or listing.prefetched_to > index + window // 2:
+        if self.prefetcher is None or listing.prefetched_to > index + window // 2:
             return
         parent = self.inodes.get(listing.dir_ino)
         if parent is None:
@@ -1012,25 +1009,9 @@ class KmsfsOperations(pyfuse3.Operations):
         names = listing.names[start:index + 1 + window]
         listing.prefetched_to = index + 1 + window
         listing.window = min(2 * window, PREFETCH_FILES_MAX)
-        if not names:
-            return
-        # A descriptor of its own: the directory's may be closed meanwhile.
-        dir_fd = os.dup(parent.fd)
-        self.nursery.start_soon(self._prefetch, dir_fd, names)
-
-    async def _prefetch(self, dir_fd: int, names: list[bytes]) -> None:
-        # Whoever pops the descriptor first closes it: the worker thread if it
-        # starts, this task if it is cancelled (at unmount) before that, while
-        # it waits for the limiter.  list.pop is atomic under the GIL.
-        unclaimed = [dir_fd]
-        try:
-            await trio.to_thread.run_sync(_prefetch_files, unclaimed, names, limiter=self._prefetch_limiter,
-                                          abandon_on_cancel=True)
-        except Exception:  # advisory only: never let it disturb the mount
-            log.debug("prefetch failed", exc_info=True)
-        finally:
-            with contextlib.suppress(IndexError):
-                os.close(unclaimed.pop())
+        if names:
+            # The helper gets a descriptor of its own with the message.
+            self.prefetcher.request(parent.fd, names)
 
     async def _load(self, node: Inode, fd: int) -> OpenFile:
         try:
@@ -1375,41 +1356,6 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
         except OSError as exc:
             log.warning("could not close the descriptor of a forgotten inode: %s", exc)
-
-
-def _prefetch_files(unclaimed: list[int], names: list[bytes]) -> None:
-    """Bring headers and first data of regular files into the backing cache (blocking).
-
-    Takes the directory's descriptor from ``unclaimed``, and closes it, unless
-    the task that handed it over has taken it back already.
-    """
-    try:
-        dir_fd = unclaimed.pop()
-    except IndexError:
-        return
-    try:
-        for name in names:
-            try:
-                path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except OSError:
-                continue
-            try:
-                st = os.fstat(path_fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                    continue
-                # Reopened through the O_PATH descriptor: the same inode, never a device.
-                fd = os.open(_proc(path_fd), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.posix_fadvise(fd, 0, min(st.st_size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
-                    _get_raw_xattr_or_none(_proc(fd), HEADER_XATTR)
-                finally:
-                    os.close(fd)
-            except OSError:
-                continue
-            finally:
-                os.close(path_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _supported_xattr(name: bytes) -> bool:

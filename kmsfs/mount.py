@@ -27,6 +27,7 @@ from .fs import KmsfsOperations
 from .keyregistry import KeyRegistry, key_changes_settled
 from .keystore import HsmError, KeyStore
 from .kms import KeyService, KmsError
+from .prefetch import Prefetcher
 from .pkcs11uri import Pkcs11Uri, UriError
 from .mounttable import is_mountpoint
 from .store import StoreError, check_user_xattrs, load_config, store_dir
@@ -269,6 +270,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 **kms.status(),
                 "hsm_calls": dict(keystore.calls),
                 "dek_cache": envelope.dek_cache.stats() if envelope.dek_cache is not None else None,
+                "prefetch": ops.prefetcher.stats() if ops.prefetcher is not None else None,
                 "open_files": sum(1 for i in ops.inodes.values() if i.open_file is not None),
                 "known_inodes": len(ops.inodes),
             }
@@ -358,9 +360,13 @@ def serve(
     if "writeback_cache" in own_options:
         ops.enable_writeback_cache = True
         log.info("writeback cache on: changes made behind this mount's back may go unseen")
+    # Started before the mount, so that it cannot inherit /dev/fuse: a helper
+    # holding it would keep the mount alive after the daemon's death.
+    ops.prefetcher = _start_prefetcher()
     try:
         pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, fuse_options))
     except RuntimeError as exc:
+        _close_prefetcher(ops)
         keystore.close()
         message = f"FUSE mount of {mountpoint} failed: {exc}"
         if not os.path.exists("/dev/fuse"):
@@ -389,10 +395,27 @@ def serve(
             pyfuse3.close(unmount=unmount)
         except Exception:  # the kernel side may already be gone (fusermount3 -u)
             log.debug("pyfuse3.close", exc_info=True)
+        _close_prefetcher(ops)
         keystore.close()
         pidfile.unlink(missing_ok=True)
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _start_prefetcher() -> Prefetcher | None:
+    try:
+        prefetcher = Prefetcher.start()
+    except OSError as exc:  # the mount works without it, only colder
+        log.warning("could not start the prefetch helper (%s); files will not be read ahead", exc)
+        return None
+    log.info("prefetch helper: pid %d", prefetcher.pid)
+    return prefetcher
+
+
+def _close_prefetcher(ops: KmsfsOperations) -> None:
+    if ops.prefetcher is not None:
+        ops.prefetcher.close()
+        ops.prefetcher = None
 
 
 #: How often a mounted store checks for due rotations and expired deletion windows.

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -292,30 +293,45 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("cancelled", [False, True])
-def test_prefetch_closes_its_directory_descriptor_whether_it_runs_or_is_cancelled(tmp_path, cancelled):
-    """A prefetch cancelled at unmount while it waits for a worker must not leak its descriptor."""
-    import trio
-    import trio.testing
+def _prefetch_status(mount) -> dict:
+    return json.loads((mount.path / ".kmsfs" / "status").read_bytes())["prefetch"]
 
-    from kmsfs.fs import KmsfsOperations
 
-    (tmp_path / "a").write_bytes(b"x" * 5000)
-    limiter = trio.CapacityLimiter(1)
-    ops = types.SimpleNamespace(_prefetch_limiter=limiter)
-    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+def _a_tree_read_in_listing_order(mount, files: int = 40) -> dict[str, bytes]:
+    tree = mount.path / f"tree{time.monotonic_ns()}"
+    tree.mkdir()
+    expected = {}
+    for i in range(files):
+        expected[f"f{i:03d}"] = os.urandom(100 + 37 * i)
+        (tree / f"f{i:03d}").write_bytes(expected[f"f{i:03d}"])
+    for name in os.listdir(tree):
+        assert (tree / name).read_bytes() == expected[name], name
+    return expected
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            if cancelled:
-                await limiter.acquire()  # every worker busy: the prefetch waits
-            nursery.start_soon(KmsfsOperations._prefetch, ops, dir_fd, [b"a"])
-            await trio.testing.wait_all_tasks_blocked()
-            if cancelled:
-                nursery.cancel_scope.cancel()
 
-    trio.run(main)
-    assert not _is_open(dir_fd)
+def test_the_prefetch_helper_serves_the_mount_and_ends_with_it(store):
+    mount = store.mount()
+    before = _prefetch_status(mount)
+    helper = before["helper_pid"]
+    assert isinstance(helper, int) and Path(f"/proc/{helper}").exists()
+    assert int(Path(f"/proc/{helper}/stat").read_text().rsplit(")", 1)[1].split()[1]) == mount.proc.pid
+    _a_tree_read_in_listing_order(mount)
+    assert _prefetch_status(mount)["batches"] > before["batches"]
+    mount.unmount()
+    assert not Path(f"/proc/{helper}").exists()  # ended and reaped by the daemon
+    assert "prefetch helper" in mount.log() and "ended with status" not in mount.log()
+
+
+def test_a_mount_whose_prefetch_helper_died_serves_on(store):
+    mount = store.mount()
+    helper = _prefetch_status(mount)["helper_pid"]
+    os.kill(helper, signal.SIGKILL)  # a child of the daemon, by its pid
+    for _ in range(3):  # every batch after its death is dropped, and said once
+        _a_tree_read_in_listing_order(mount)
+    assert _prefetch_status(mount)["helper_pid"] is None
+    assert mount.log().count("has ended") == 1, mount.log()[-3000:]
+    mount.unmount()
+    assert "ERROR" not in mount.log()
 
 
 @pytest.mark.parametrize("cancelled", [False, True])

@@ -1,0 +1,202 @@
+"""Warming the backing store's page cache in a helper process.
+
+Reading a tree (tar, cp -r, grep -r) opens the files of a directory in the
+order readdir gave them, and cold, each open would wait for the disk twice:
+for the header xattr (a block of its own on ext4, as it does not fit in the
+inode) and for the first data blocks.  The daemon therefore sends the names
+of the next files of a listing to a helper process, which reads their
+headers and asks for their data (``posix_fadvise`` WILLNEED, which starts
+the reads without waiting), so that these waits overlap.  The page cache is
+shared, so the daemon's own reads then find the blocks there.
+
+Why a process and not a thread of the daemon: a worker thread takes the GIL
+back after each of its system calls (about seven per file), and the request
+loop and the worker then hand it to each other thousands of times per
+second, each time through a futex wake-up across CPUs.  Measured on the
+benchmark's tree (cold ``tar cf``, 5 interleaved rounds, same mount
+conditions): 1.54-2.36 s with two worker threads, 1.32-2.00 s with the
+helper; the daemon's CPU fell from 1.59-2.08 s to 1.14-1.45 s, plus
+0.22-0.26 s in the helper.
+
+The helper never decrypts, holds no key and never writes: it opens files
+read-only to read their header xattr and to give the kernel a hint.  Every
+check still happens when the daemon itself opens a file.
+
+Wire protocol (an AF_UNIX SOCK_SEQPACKET pair, the helper's end on its
+standard input), one message per batch::
+
+    data:     name || 0x00 || name || 0x00 || ... || name
+    SCM_RIGHTS: exactly one descriptor, of the directory the names are in
+
+The helper closes each descriptor it receives, and ends when the daemon
+closes its end (also when the daemon dies, since the kernel closes it then).
+A batch the socket has no room for is dropped: prefetching is advisory, and
+the request loop never waits for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from .format import HEADER_XATTR
+
+log = logging.getLogger(__name__)
+
+#: How much of each file's start the helper asks the kernel to read ahead.
+PREFETCH_BYTES = 256 * 1024
+#: Largest batch message: 64 names of at most 255 bytes, and their separators.
+MAX_MESSAGE = 64 * 1024
+#: How long close() waits for the helper to finish its batch and exit.
+EXIT_TIMEOUT = 5.0
+
+_SEPARATOR = b"\0"
+
+
+class Prefetcher:
+    """The daemon's side: starts the helper and hands it batches, never waiting."""
+
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self._process = process
+        self._sock = sock
+        self._ended = False
+        #: Batches handed to the helper, and batches dropped for want of room.
+        self.sent = 0
+        self.dropped = 0
+
+    @classmethod
+    def start(cls) -> Prefetcher:
+        """Start the helper process.  Raises OSError if it cannot be started."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            env = dict(os.environ)
+            # The helper imports kmsfs from where this daemon did, installed or not.
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+            process = subprocess.Popen(
+                # -P: not the working directory on sys.path; cwd "/": pin no directory.
+                [sys.executable, "-P", "-m", "kmsfs.prefetch"], stdin=theirs, stdout=subprocess.DEVNULL,
+                # A session of its own: no signal sent to the daemon's terminal reaches it.
+                close_fds=True, start_new_session=True, cwd="/", env=env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        log.debug("prefetch helper started, pid %d", process.pid)
+        return cls(process, ours)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def request(self, dir_fd: int, names: list[bytes]) -> bool:
+        """Hand the helper a batch of names in the directory ``dir_fd``.
+
+        Returns False, at once, if the batch was dropped: the socket is full,
+        or the helper has ended (logged once; the mount goes on without it).
+        """
+        if self._ended or not any(names):
+            return False  # (an empty message would read as EOF)
+        try:
+            socket.send_fds(self._sock, [_SEPARATOR.join(names)], [dir_fd], socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            self.dropped += 1
+            return False
+        except OSError as exc:
+            self._ended = True
+            status = self._process.poll()
+            log.warning("the prefetch helper (pid %d) has ended (%s, exit status %s); "
+                        "files are no longer read ahead for this mount", self._process.pid,
+                        errno.errorcode.get(exc.errno or 0, exc), status)
+            return False
+        self.sent += 1
+        return True
+
+    def stats(self) -> dict[str, object]:
+        return {"helper_pid": None if self._ended else self._process.pid, "batches": self.sent,
+                "dropped": self.dropped}
+
+    def close(self) -> None:
+        """Tell the helper to end (EOF), and wait for it."""
+        self._ended = True
+        self._sock.close()
+        try:
+            status = self._process.wait(EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("the prefetch helper (pid %d) did not end within %.0f s; killing it",
+                        self._process.pid, EXIT_TIMEOUT)
+            self._process.kill()
+            status = self._process.wait()
+        if status != 0:
+            log.warning("the prefetch helper (pid %d) ended with status %d", self._process.pid, status)
+
+
+# ----------------------------------------------------------------------------- helper
+
+
+def prefetch_files(dir_fd: int, names: list[bytes]) -> None:
+    """Bring headers and first data of the regular files among ``names`` into the page cache."""
+    for name in names:
+        try:
+            path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except (OSError, ValueError):  # gone, or not a name at all (empty, a NUL)
+            continue
+        try:
+            st = os.fstat(path_fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                continue
+            # Reopened through the O_PATH descriptor: the same inode, never a
+            # device or FIFO swapped in under the name meanwhile.
+            fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, 0, min(st.st_size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
+                try:
+                    os.getxattr(fd, HEADER_XATTR)
+                except OSError:  # no header (yet), or no xattrs: nothing to warm
+                    pass
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        finally:
+            os.close(path_fd)
+
+
+def serve(sock: socket.socket) -> None:
+    """The helper's loop: one batch per message, until the daemon closes its end."""
+    while True:
+        try:
+            data, fds, flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 1)
+        except ConnectionResetError:
+            return
+        if not data and not fds:
+            return  # EOF: the daemon is done
+        try:
+            # Anything but one descriptor and a whole message is not from the daemon.
+            if len(fds) == 1 and not flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                prefetch_files(fds[0], data.split(_SEPARATOR))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def main() -> None:
+    # The daemon ends this helper by closing the socket, after its unmount;
+    # a stray Ctrl-C or hang-up must not end it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    serve(socket.socket(fileno=sys.stdin.fileno()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The prefetch helper process (kmsfs/prefetch.py), without a mount.
+
+The mount's side (files read in listing order stay exact while the helper
+warms them; the helper ends with the mount) is in tests/test_perf_paths.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmsfs.format import HEADER_XATTR
+from kmsfs.prefetch import Prefetcher, prefetch_files, serve
+
+BLOCK = 4096
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _cached(fd: int) -> bool:
+    """Whether the file's first page is in the page cache.
+
+    Asked with mincore(2) on a mapping that is never touched: a read, even
+    one with RWF_NOWAIT that is refused, would start the kernel's readahead
+    and bring the page in by itself.
+    """
+    mapping = mmap.mmap(fd, BLOCK, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        view = ctypes.c_char.from_buffer(mapping)
+        try:
+            vector = ctypes.c_ubyte(0)
+            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(BLOCK),
+                             ctypes.byref(vector)) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return bool(vector.value & 1)
+        finally:
+            del view
+    finally:
+        mapping.close()
+
+
+def _drop_pages(fd: int) -> None:
+    """Drop the file's pages; DONTNEED now and then drops nothing at the first try."""
+    os.fsync(fd)
+    for _ in range(50):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not _cached(fd):
+            return
+        time.sleep(0.05)
+    pytest.fail("the file's first page stayed cached through 50 DONTNEEDs")
+
+
+def _wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def prefetcher() -> Iterator[Prefetcher]:
+    helper = Prefetcher.start()
+    try:
+        yield helper
+    finally:
+        helper.close()
+
+
+@pytest.fixture
+def cold_file(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    path = tmp_path / "cold"
+    path.write_bytes(os.urandom(300 * 1024))
+    os.setxattr(path, HEADER_XATTR, b"h" * 106)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _drop_pages(fd)
+        yield path, fd
+    finally:
+        os.close(fd)
+
+
+def test_the_helper_brings_the_next_files_into_the_page_cache(prefetcher, cold_file):
+    path, fd = cold_file
+    dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert prefetcher.request(dir_fd, [b"missing", path.name.encode()])
+    finally:
+        os.close(dir_fd)  # the helper has a descriptor of its own
+    assert _wait_until(lambda: _cached(fd)), "the helper did not read the file ahead"
+    assert prefetcher.stats()["batches"] == 1
+
+
+def test_the_helper_skips_what_is_not_a_regular_file_with_data(tmp_path):
+    """Called in-process: names that vanish, links, FIFOs, directories, empty files,
+    names that are no names at all.  A FIFO in particular must never be opened for reading
+    (that would wait for a writer)."""
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink("/etc/passwd", tmp_path / "link")
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "noheader").write_bytes(b"x" * 10)
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        before = set(os.listdir("/proc/self/fd"))
+        prefetch_files(dir_fd, [b"gone", b"dir", b"fifo", b"link", b"empty", b"noheader", b"", b"a/b", b"../x"])
+        assert set(os.listdir("/proc/self/fd")) == before  # nothing left open
+    finally:
+        os.close(dir_fd)
+
+
+def test_the_helper_loop_closes_every_descriptor_and_ends_at_eof(tmp_path):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    a = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    b = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    before = set(os.listdir("/proc/self/fd"))
+    socket.send_fds(ours, [b"f"], [a])
+    socket.send_fds(ours, [b"f"], [a, b])  # one too many: the batch is dropped
+    socket.send_fds(ours, [b"f"], [])  # none: ignored
+    socket.send_fds(ours, [b"f\0f"], [b])
+    ours.close()
+    serve(theirs)  # returns at EOF
+    theirs.close()
+    os.close(a)
+    os.close(b)
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_close_ends_the_helper(prefetcher):
+    assert prefetcher._process.poll() is None
+    prefetcher.close()
+    assert prefetcher._process.returncode == 0  # ended by EOF, and reaped
+    assert prefetcher.request(0, [b"x"]) is False  # after close: dropped, no error
+
+
+def test_the_helper_ignores_ctrl_c_and_ends_when_the_daemon_dies(tmp_path):
+    """Ctrl-C on a foreground mount reaches the helper too; it goes on until its socket closes.
+    A daemon killed with SIGKILL closes it as well (the kernel does)."""
+    prefetcher = Prefetcher.start()
+    try:
+        assert _wait_until(lambda: _signal_ignored(prefetcher.pid, signal.SIGINT))
+        os.kill(prefetcher.pid, signal.SIGINT)
+        time.sleep(0.2)
+        assert prefetcher._process.poll() is None
+    finally:
+        prefetcher.close()  # EOF, as when the daemon dies
+    assert prefetcher._process.returncode == 0
+
+
+def _signal_ignored(pid: int, sig: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+def test_a_helper_that_died_is_reported_once_and_the_requests_are_dropped(tmp_path, caplog):
+    prefetcher = Prefetcher.start()
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.kill(prefetcher.pid, signal.SIGKILL)  # our own child, by its pid
+        prefetcher._process.wait()
+        with caplog.at_level(logging.WARNING, logger="kmsfs.prefetch"):
+            assert prefetcher.request(dir_fd, [b"x"]) is False
+            assert prefetcher.request(dir_fd, [b"y"]) is False
+        warnings = [r for r in caplog.records if "has ended" in r.getMessage()]
+        assert len(warnings) == 1, caplog.text
+        assert str(prefetcher.pid) in warnings[0].getMessage()
+        assert prefetcher.stats()["helper_pid"] is None
+    finally:
+        os.close(dir_fd)
+        with caplog.at_level(logging.WARNING, logger="kmsfs.prefetch"):
+            prefetcher.close()
+    assert "ended with status -9" in caplog.text
+
+
+def test_a_full_socket_drops_the_batch_without_waiting(tmp_path):
+    prefetcher = Prefetcher.start()
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.kill(prefetcher.pid, signal.SIGSTOP)  # a helper that takes no batches
+        names = [b"n" * 255] * 64
+        started = time.monotonic()
+        results = [prefetcher.request(dir_fd, names) for _ in range(200)]
+        assert time.monotonic() - started < 5
+        assert False in results and results[0] is True
+        assert prefetcher.stats()["dropped"] == results.count(False)
+    finally:
+        os.kill(prefetcher.pid, signal.SIGCONT)
+        os.close(dir_fd)
+        prefetcher.close()
+    assert prefetcher._process.returncode == 0
