@@ -202,3 +202,36 @@ def test_a_full_socket_drops_the_batch_without_waiting(tmp_path):
         os.close(dir_fd)
         prefetcher.close()
     assert prefetcher._process.returncode == 0
+
+
+def test_a_helper_that_will_not_end_is_killed_at_close(monkeypatch, caplog):
+    monkeypatch.setattr("kmsfs.prefetch.EXIT_TIMEOUT", 0.2)
+    prefetcher = Prefetcher.start()
+    os.kill(prefetcher.pid, signal.SIGSTOP)  # stopped: it never reads the EOF
+    with caplog.at_level(logging.WARNING, logger="kmsfs.prefetch"):
+        prefetcher.close()
+    assert prefetcher._process.returncode == -signal.SIGKILL
+    assert "did not end within" in caplog.text and "killing it" in caplog.text
+
+
+def test_a_helper_that_cannot_be_started_leaves_no_socket_open(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "python")
+
+    monkeypatch.setattr("kmsfs.prefetch.subprocess.Popen", refuse)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        Prefetcher.start()
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_mount_goes_on_without_a_helper_it_cannot_start(monkeypatch, caplog):
+    from kmsfs import mount
+
+    def refuse() -> Prefetcher:
+        raise PermissionError(13, "Permission denied", "python")
+
+    monkeypatch.setattr(mount.Prefetcher, "start", staticmethod(refuse))
+    with caplog.at_level(logging.WARNING, logger="kmsfs.mount"):
+        assert mount._start_prefetcher() is None
+    assert "could not start the prefetch helper" in caplog.text
