@@ -59,6 +59,17 @@ def _bulk_crypto(fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
 
 
+def _has_hole(fd: int, start: int, end: int) -> bool:
+    """Whether the backing file has a hole in [start, end), by SEEK_HOLE.
+
+    Moves the fd's offset, which nothing here uses (all I/O is pread/pwrite).
+    """
+    try:
+        return os.lseek(fd, start, os.SEEK_HOLE) < end
+    except OSError:
+        return False  # no answer: treat it as data, as file systems without holes do
+
+
 _scratch_buffers = threading.local()
 
 
@@ -148,16 +159,45 @@ class CipherFile:
     def _read_block(self, number: int) -> bytearray:
         return self._read_blocks(number, 1)
 
+    def _read_to_merge(self, first: int, count: int, ct_size: int) -> bytearray:
+        """The blocks that a write covers only partly, read without readahead into holes.
+
+        A file grown by truncate and then filled in order (fio lays out its
+        files so) has a hole after each write.  Reading the next block to
+        merge with would start the kernel's readahead there, which fills the
+        page cache with zeros in large folios (2 MiB on Linux 6.18's ext4),
+        and every later small write into such a folio walks all of its
+        blocks, in the daemon's time.  fio 4k randrw, 3 alternating rounds of
+        15 s: 3.1k-4.0k read IOPS and 65-78 us of system time per request
+        with them, 4.1k-4.3k and 49-52 us with 4 KiB pages.  So when any of
+        the blocks lies in a hole, the read goes without readahead
+        (POSIX_FADV_RANDOM for its duration; the caller holds the file's
+        lock, so no read of the file runs meanwhile).  Holes are only a hint
+        for speed here: a wrong answer never changes what is read.
+        """
+        position = first * self.cbs
+        end = position + count * self.cbs
+        # At the end of the file readahead has nowhere to go; appends skip the check.
+        if end >= ct_size or not _has_hole(self.fd, position, end):
+            return self._read_blocks(first, count)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        try:
+            return self._read_blocks(first, count)
+        finally:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_NORMAL)
+
     # ------------------------------------------------------------------ write
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         length = len(data)
         if length == 0:
             return 0
-        size = self.size()
+        ct_size = os.fstat(self.fd).st_size
+        size = plaintext_size_lenient(ct_size, self.bs)
         if offset > size:
             self._extend(size, offset)
             size = offset
+            ct_size = ciphertext_size(size, self.bs)
         bs = self.bs
         end = offset + length
         new_size = max(size, end)
@@ -172,7 +212,7 @@ class CipherFile:
         elif first == last:
             # One block, merged with what it held (read-modify-write).
             block = bytearray(region_end - region_start)
-            old = self._read_block(first)
+            old = self._read_to_merge(first, 1, ct_size)
             block[:len(old)] = old
             block[offset - region_start:end - region_start] = data
             ct = self.cipher.encrypt(block, first)
@@ -185,11 +225,11 @@ class CipherFile:
             old_head = old_tail = None
             if head_partial and tail_partial and last == first + 1:
                 # Two neighbours (every aligned 4 KiB write in format 2): one pread.
-                both = self._read_blocks(first, 2)
+                both = self._read_to_merge(first, 2, ct_size)
                 old_head, old_tail = both[:bs], both[bs:]
             if head_partial:
                 head = bytearray(bs)
-                old = self._read_block(first) if old_head is None else old_head
+                old = self._read_to_merge(first, 1, ct_size) if old_head is None else old_head
                 head[:len(old)] = old
                 pos = bs - (offset - region_start)
                 head[offset - region_start:] = view[:pos]
@@ -197,7 +237,7 @@ class CipherFile:
             tail_start = last * bs - offset  # where the last block starts in ``data``
             if tail_partial:
                 tail = bytearray(region_end - last * bs)
-                old = self._read_block(last) if old_tail is None else old_tail
+                old = self._read_to_merge(last, 1, ct_size) if old_tail is None else old_tail
                 tail[:len(old)] = old
                 tail[:end - last * bs] = view[tail_start:]
                 parts += [view[pos:tail_start], tail]

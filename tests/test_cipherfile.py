@@ -236,3 +236,128 @@ def test_nowait_read_of_a_damaged_block_fails_like_any_read(tmp_path):
         assert cf.read(0, 5 * DEFAULT_BLOCK_SIZE, nowait=True) == data[:5 * DEFAULT_BLOCK_SIZE]
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- merge reads and holes
+
+PAGE = 4096
+
+
+def _resident_pages(fd: int, start_page: int, count: int) -> list[int]:
+    """Which of the pages [start_page, start_page + count) are in the page cache (mincore(2)).
+
+    The mapping is never touched, so asking does not read anything in.
+    """
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    mapping = mmap.mmap(fd, count * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=start_page * PAGE)
+    try:
+        view = ctypes.c_char.from_buffer(mapping)
+        try:
+            vector = (ctypes.c_ubyte * count)()
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(count * PAGE), vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return [start_page + i for i in range(count) if vector[i] & 1]
+        finally:
+            del view
+    finally:
+        mapping.close()
+
+
+def _sparse_file(tmp_path: Path, mib: int) -> tuple[int, CipherFile]:
+    """A file of ``mib`` MiB of plaintext, grown by truncate: one hole but for its last block."""
+    cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
+    fd = os.open(tmp_path / "sparse", os.O_RDWR | os.O_CREAT, 0o600)
+    cf = CipherFile(fd, cipher)
+    cf.truncate(mib << 20)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd, cf
+
+
+def _fadvise_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append(advice)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(cipherfile.os, "posix_fadvise", record)
+    return calls
+
+
+def test_writes_that_fill_a_hole_in_order_read_their_neighbours_without_readahead(tmp_path, monkeypatch):
+    # fio lays its files out so: truncate up, then fill in order.  Readahead
+    # there would cache zero pages in large folios that each later small
+    # write must walk (see CipherFile._read_to_merge).
+    fd, cf = _sparse_file(tmp_path, 64)
+    calls = _fadvise_calls(monkeypatch)
+    try:
+        start = 2048  # 8 MiB in, far from both ends
+        pages = 64
+        written = [os.urandom(PAGE) for _ in range(pages)]
+        for i, data in enumerate(written):
+            # Each aligned page merges two blocks; the second is still a hole.
+            assert cf.write((start + i) * PAGE, data) == PAGE
+        assert calls == [os.POSIX_FADV_RANDOM, os.POSIX_FADV_NORMAL] * pages
+        # The blocks written (one page each on disk) are cached; nothing after them was read ahead.
+        first = start * PAGE // DEFAULT_BLOCK_SIZE
+        after = ((start + pages) * PAGE - 1) // DEFAULT_BLOCK_SIZE + 1
+        assert _resident_pages(fd, first, after - first) == list(range(first, after))
+        assert _resident_pages(fd, after + 1, 512) == []
+        assert cf.read(start * PAGE, pages * PAGE) == b"".join(written)
+        assert cf.read((start + pages) * PAGE, 3 * PAGE) == bytes(3 * PAGE)
+    finally:
+        os.close(fd)
+
+
+def test_writes_that_fill_a_hole_in_order_stay_exact(tmp_path):
+    fd, cf = _sparse_file(tmp_path, 2)
+    try:
+        expected = bytearray(2 << 20)
+        for offset in range(0, 1 << 20, PAGE):
+            chunk = os.urandom(PAGE)
+            cf.write(offset, chunk)
+            expected[offset:offset + PAGE] = chunk
+        assert cf.size() == len(expected)
+        assert cf.read(0, len(expected)) == expected
+    finally:
+        os.close(fd)
+
+
+def test_merges_in_data_and_at_the_end_keep_readahead(tmp_path, monkeypatch):
+    # Overwriting a file's data in order should still be read ahead; an
+    # append's merge read reaches the end of the file, where there is no
+    # readahead to avoid.
+    fd, cf, data = _written_file(tmp_path, 64)
+    calls = _fadvise_calls(monkeypatch)
+    try:
+        for offset in range(0, 40 * PAGE, PAGE):
+            cf.write(offset, os.urandom(PAGE))
+        cf.write(len(data), b"appended")
+        cf.write(len(data) + 8, b"and more")
+        assert calls == []
+    finally:
+        os.close(fd)
+
+
+def test_a_failed_merge_read_in_a_hole_restores_readahead(tmp_path, monkeypatch):
+    cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    cf = CipherFile(fd, cipher)
+    try:
+        cf.write(0, os.urandom(2 * DEFAULT_BLOCK_SIZE))
+        cf.truncate(16 << 20)  # blocks 0 and 1 are data, the rest a hole
+        at = DEFAULT_BLOCK_SIZE + BLOCK_OVERHEAD + 100  # inside block 1
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x01]), at)
+        calls = _fadvise_calls(monkeypatch)
+        with pytest.raises(BlockAuthError) as info:
+            cf.write(PAGE, os.urandom(PAGE))  # page 1 straddles blocks 1 (damaged) and 2 (hole)
+        assert info.value.block_number == 1
+        assert calls == [os.POSIX_FADV_RANDOM, os.POSIX_FADV_NORMAL]
+    finally:
+        os.close(fd)
