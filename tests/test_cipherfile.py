@@ -7,7 +7,9 @@ truncates and reads over small blocks reach all of them quickly.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import time
 from pathlib import Path
@@ -248,9 +250,6 @@ def _resident_pages(fd: int, start_page: int, count: int) -> list[int]:
 
     The mapping is never touched, so asking does not read anything in.
     """
-    import ctypes
-    import mmap
-
     libc = ctypes.CDLL(None, use_errno=True)
     mapping = mmap.mmap(fd, count * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                         offset=start_page * PAGE)
