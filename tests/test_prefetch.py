@@ -60,6 +60,18 @@ def _drop_pages(fd: int) -> None:
     pytest.fail("the file's first page stayed cached through 50 DONTNEEDs")
 
 
+def _open_fds() -> set[int]:
+    """This process's open descriptors, without the one that listed them (closed by now)."""
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if is_open(fd)}
+
+
 def _wait_until(condition, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,9 +125,9 @@ def test_the_helper_skips_what_is_not_a_regular_file_with_data(tmp_path):
     (tmp_path / "noheader").write_bytes(b"x" * 10)
     dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:
-        before = set(os.listdir("/proc/self/fd"))
+        before = _open_fds()
         prefetch_files(dir_fd, [b"gone", b"dir", b"fifo", b"link", b"empty", b"noheader", b"", b"a/b", b"../x"])
-        assert set(os.listdir("/proc/self/fd")) == before  # nothing left open
+        assert _open_fds() == before  # nothing left open
     finally:
         os.close(dir_fd)
 
@@ -125,17 +137,18 @@ def test_the_helper_loop_closes_every_descriptor_and_ends_at_eof(tmp_path):
     (tmp_path / "f").write_bytes(b"x" * 100)
     a = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     b = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
-    before = set(os.listdir("/proc/self/fd"))
+    # What stays open at the end: exactly what was open before any of these.
+    expected = _open_fds() - {ours.fileno(), theirs.fileno(), a, b}
     socket.send_fds(ours, [b"f"], [a])
     socket.send_fds(ours, [b"f"], [a, b])  # one too many: the batch is dropped
     socket.send_fds(ours, [b"f"], [])  # none: ignored
     socket.send_fds(ours, [b"f\0f"], [b])
     ours.close()
-    serve(theirs)  # returns at EOF
+    serve(theirs)  # returns at EOF; a received descriptor it kept would be a new number here
     theirs.close()
     os.close(a)
     os.close(b)
-    assert set(os.listdir("/proc/self/fd")) <= before
+    assert _open_fds() == expected
 
 
 def test_close_ends_the_helper(prefetcher):
@@ -219,10 +232,10 @@ def test_a_helper_that_cannot_be_started_leaves_no_socket_open(monkeypatch):
         raise FileNotFoundError(2, "No such file or directory", "python")
 
     monkeypatch.setattr("kmsfs.prefetch.subprocess.Popen", refuse)
-    before = set(os.listdir("/proc/self/fd"))
+    before = _open_fds()
     with pytest.raises(FileNotFoundError):
         Prefetcher.start()
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert _open_fds() == before
 
 
 def test_a_mount_goes_on_without_a_helper_it_cannot_start(monkeypatch, caplog):
