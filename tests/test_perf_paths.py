@@ -462,7 +462,6 @@ def test_node_lock_shares_reads_and_excludes_changes_in_order():
     wait for it; changes exclude each other."""
     import trio
     import trio.testing
-    import trio.testing
 
     from kmsfs.fs import NodeLock
 
