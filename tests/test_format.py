@@ -37,6 +37,7 @@ from kmsfs.format import (
     HEADER_MIN_SIZE,
     MAX_CONTEXT_BYTES,
     MAX_CONTEXT_CHARS,
+    NONCE_SIZE,
     FormatError,
     Header,
     UnsupportedVersion,
@@ -624,10 +625,26 @@ def test_short_zero_block_is_not_a_hole(length):
     assert info.value.block_number == 5
 
 
-def test_almost_zero_block_is_not_a_hole():
+@pytest.mark.parametrize("position", [0, 1, NONCE_SIZE, CB // 2, CB - 1])
+def test_almost_zero_block_is_not_a_hole(position):
     cc = ContentCipher(DEK, G_FILE_ID, B)
-    with pytest.raises(BlockAuthError):
-        cc.decrypt(flip(bytes(CB), CB - 1), 0)
+    with pytest.raises(BlockAuthError) as info:
+        cc.decrypt(bytes(CB) + flip(bytes(CB), position), 6)
+    assert info.value.block_number == 7
+
+
+def test_data_whose_nonce_starts_with_zero_bytes_is_not_taken_for_a_hole(monkeypatch):
+    """Holes are told apart by their first byte before decrypting: data that
+    starts with zero bytes must still decrypt, every block of it."""
+    monkeypatch.setattr("kmsfs.contentcrypt.os.urandom", lambda n: (bytes(NONCE_SIZE - 1) + b"\x01") * (n // NONCE_SIZE))
+    cc = ContentCipher(DEK, G_FILE_ID, B)
+    plain = os.urandom(3 * B)  # a block taken for a hole would read as zeros
+    ct = cc.encrypt(plain, 2)
+    assert all(ct[i * CB] == 0 for i in range(3))
+    assert bytes(cc.decrypt(ct, 2)) == plain
+    with pytest.raises(BlockAuthError) as info:
+        cc.decrypt(ct[:CB] + flip(ct[CB:2 * CB], CB - 1) + ct[2 * CB:], 2)
+    assert info.value.block_number == 3
 
 
 def test_cipherfile_reports_a_stub_tail_on_every_read_that_reaches_the_end(tmp_path: Path):
