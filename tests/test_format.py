@@ -636,9 +636,9 @@ def test_almost_zero_block_is_not_a_hole(position):
 def test_data_whose_nonce_starts_with_zero_bytes_is_not_taken_for_a_hole(monkeypatch):
     """Holes are told apart by their first byte before decrypting: data that
     starts with zero bytes must still decrypt, every block of it."""
+    plain = os.urandom(3 * B)  # a block taken for a hole would read as zeros
     monkeypatch.setattr("kmsfs.contentcrypt.os.urandom", lambda n: (bytes(NONCE_SIZE - 1) + b"\x01") * (n // NONCE_SIZE))
     cc = ContentCipher(DEK, G_FILE_ID, B)
-    plain = os.urandom(3 * B)  # a block taken for a hole would read as zeros
     ct = cc.encrypt(plain, 2)
     assert all(ct[i * CB] == 0 for i in range(3))
     assert bytes(cc.decrypt(ct, 2)) == plain
