@@ -618,13 +618,16 @@ class KmsfsOperations(pyfuse3.Operations):
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             os.chown(path, uid, gid)
-        if fields.update_atime or fields.update_mtime:
-            st = os.fstat(node.fd)
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+        if fields.update_atime and fields.update_mtime:  # utimensat, futimens, touch, tar
+            os.utime(path, ns=(attr.st_atime_ns, attr.st_mtime_ns))
+        elif fields.update_atime or fields.update_mtime:  # one of them: keep the other
+            old = os.fstat(node.fd)
+            atime = attr.st_atime_ns if fields.update_atime else old.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else old.st_mtime_ns
             os.utime(path, ns=(atime, mtime))
-        self._note_own_change(node)
-        return self._attrs(node, os.fstat(node.fd))
+        st = os.fstat(node.fd)
+        self._note_own_change(node, st)
+        return self._attrs(node, st)
 
     async def _truncate(self, node: Inode, size: int, ctx: pyfuse3.RequestContext) -> None:
         # truncate(2) comes without a handle: check as an open would, and take
@@ -901,7 +904,7 @@ class KmsfsOperations(pyfuse3.Operations):
             raise
         async with inode.lock:
             self._release_open(inode)  # _open_handle took its own reference
-        inode.cache_stamp = _stamp(os.fstat(inode.fd))
+        inode.cache_stamp = _stamp(st)  # taken after the header and owner were set
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(inode, st)
 
     @_fuse_op
@@ -1050,10 +1053,13 @@ class KmsfsOperations(pyfuse3.Operations):
         open_file.cipher_file = CipherFile(open_file.fd, cipher, self.truncations)
         node.key_id = open_file.key_id
 
-    def _note_own_change(self, node: Inode) -> None:
-        """Our own change: the kernel's cache saw it, so the cache stays valid."""
+    def _note_own_change(self, node: Inode, st: os.stat_result | None = None) -> None:
+        """Our own change: the kernel's cache saw it, so the cache stays valid.
+
+        ``st``: the backing file's stat taken after the change, if the caller has one.
+        """
         if node.cache_stamp is not None:
-            node.cache_stamp = _stamp(os.fstat(node.fd))
+            node.cache_stamp = _stamp(st if st is not None else os.fstat(node.fd))
 
     def _release_open(self, node: Inode) -> None:
         open_file = node.open_file

@@ -116,6 +116,21 @@ def test_chown_as_root(mounted):
     assert path.read_bytes() == b"x" * 100
 
 
+def test_utimens_of_one_time_keeps_the_other(mounted):
+    """touch -a / -m: utimensat with UTIME_OMIT for the other time."""
+    path = mounted.path / "t"
+    path.write_bytes(b"hello")
+    backing = mounted.store.backing / "t"
+    os.utime(path, ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    subprocess.run(["touch", "-a", "-d", "@1700000000.25", str(path)], check=True)
+    for st in (path.stat(), backing.stat()):
+        assert (st.st_atime_ns, st.st_mtime_ns) == (1_700_000_000_250_000_000, 1_600_000_000_987_654_321)
+    subprocess.run(["touch", "-m", "-d", "@1800000000.5", str(path)], check=True)
+    for st in (path.stat(), backing.stat()):
+        assert (st.st_atime_ns, st.st_mtime_ns) == (1_700_000_000_250_000_000, 1_800_000_000_500_000_000)
+    assert path.read_bytes() == b"hello"
+
+
 def test_utimens_explicit_and_now(mounted):
     path = mounted.path / "t"
     path.write_bytes(b"hello")
