@@ -360,3 +360,65 @@ def test_a_failed_merge_read_in_a_hole_restores_readahead(tmp_path, monkeypatch)
         assert calls == [os.POSIX_FADV_RANDOM, os.POSIX_FADV_NORMAL]
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- reads of holes
+
+
+@pytest.mark.parametrize("nowait", [False, True])
+def test_a_large_read_of_a_hole_reads_nothing_ahead(tmp_path, monkeypatch, nowait):
+    # Sequential reads of a hole would let readahead cache its zeros in large
+    # folios, as the merge reads above would (see CipherFile.read).
+    fd, cf = _sparse_file(tmp_path, 64)
+    calls = _fadvise_calls(monkeypatch)
+    try:
+        start = 8 << 20
+        try:
+            got = cf.read(start, 1 << 20, nowait=nowait)
+        except WouldBlock:
+            got = cf.read(start, 1 << 20)  # as the daemon does: the same read, allowed to wait
+        assert bytes(got) == bytes(1 << 20)
+        assert calls[:2] == [os.POSIX_FADV_RANDOM, os.POSIX_FADV_NORMAL]
+        assert len(calls) in (2, 4) and calls[-1] == os.POSIX_FADV_NORMAL
+        first = start // DEFAULT_BLOCK_SIZE
+        after = (start + (1 << 20) - 1) // DEFAULT_BLOCK_SIZE + 1
+        assert set(_resident_pages(fd, first, after - first)) <= set(range(first, after))
+        assert _resident_pages(fd, after, 1024) == []
+    finally:
+        os.close(fd)
+
+
+def test_reads_of_data_and_small_reads_of_holes_keep_readahead(tmp_path, monkeypatch):
+    fd, cf, data = _written_file(tmp_path, 512)
+    sparse_fd, sparse = _sparse_file(tmp_path, 16)
+    calls = _fadvise_calls(monkeypatch)
+    try:
+        assert cf.read(0, 1 << 20) == data[:1 << 20]
+        assert cf.read(len(data) - 100_000, 1 << 20) == data[-100_000:]
+        small = (cipherfile.HOLE_CHECK_MIN_BLOCKS - 1) * DEFAULT_BLOCK_SIZE
+        at = 1000 * DEFAULT_BLOCK_SIZE  # a block boundary: the read covers HOLE_CHECK_MIN_BLOCKS - 1 blocks
+        assert sparse.read(at, small) == bytes(small)  # random small reads: readahead is small
+        assert calls == []
+    finally:
+        os.close(fd)
+        os.close(sparse_fd)
+
+
+def test_a_read_of_data_next_to_a_hole_is_exact(tmp_path):
+    cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    cf = CipherFile(fd, cipher)
+    try:
+        head, tail = os.urandom(300_000), os.urandom(200_000)
+        cf.write(0, head)
+        cf.write(3 << 20, tail)  # a hole between them
+        expected = head + bytes((3 << 20) - len(head)) + tail
+        for nowait in (False, True):
+            try:
+                got = cf.read(0, len(expected), nowait=nowait)
+            except WouldBlock:
+                got = cf.read(0, len(expected))
+            assert bytes(got) == expected
+        assert cf.read(200_000, 200_000) == expected[200_000:400_000]
+    finally:
+        os.close(fd)
