@@ -133,8 +133,8 @@ class CipherFile:
         end = min(offset + length, size)
         first = offset // self.bs
         count = (end - 1) // self.bs - first + 1
-        span = first * self.cbs, min((first + count) * self.cbs, ct_size)
-        if count >= HOLE_CHECK_MIN_BLOCKS and _has_hole(self.fd, *span):
+        if count >= HOLE_CHECK_MIN_BLOCKS and _has_hole(
+                self.fd, first * self.cbs, min((first + count) * self.cbs, ct_size)):
             # Reading a hole sequentially lets the backing file's readahead
             # cache its zeros in large folios (2 MiB on ext4), which every
             # later small write into them must walk: see _read_to_merge.
