@@ -7,9 +7,7 @@ truncates and reads over small blocks reach all of them quickly.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import mmap
 import os
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from kmsfs import cipherfile
 from kmsfs.cipherfile import CipherFile, WouldBlock
 from kmsfs.contentcrypt import BlockAuthError, ContentCipher
 from kmsfs.format import BLOCK_OVERHEAD, DEFAULT_BLOCK_SIZE
+from pagecache import PAGE, resident_pages
 
 SMALL = 64  # plaintext bytes per block: many blocks per operation
 
@@ -242,29 +241,6 @@ def test_nowait_read_of_a_damaged_block_fails_like_any_read(tmp_path):
 
 # ---------------------------------------------------------------- merge reads and holes
 
-PAGE = 4096
-
-
-def _resident_pages(fd: int, start_page: int, count: int) -> list[int]:
-    """Which of the pages [start_page, start_page + count) are in the page cache (mincore(2)).
-
-    The mapping is never touched, so asking does not read anything in.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    mapping = mmap.mmap(fd, count * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                        offset=start_page * PAGE)
-    try:
-        view = ctypes.c_char.from_buffer(mapping)
-        try:
-            vector = (ctypes.c_ubyte * count)()
-            if libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(count * PAGE), vector) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-            return [start_page + i for i in range(count) if vector[i] & 1]
-        finally:
-            del view
-    finally:
-        mapping.close()
-
 
 def _sparse_file(tmp_path: Path, mib: int) -> tuple[int, CipherFile]:
     """A file of ``mib`` MiB of plaintext, grown by truncate: one hole but for its last block."""
@@ -306,8 +282,8 @@ def test_writes_that_fill_a_hole_in_order_read_their_neighbours_without_readahea
         # The blocks written (one page each on disk) are cached; nothing after them was read ahead.
         first = start * PAGE // DEFAULT_BLOCK_SIZE
         after = ((start + pages) * PAGE - 1) // DEFAULT_BLOCK_SIZE + 1
-        assert _resident_pages(fd, first, after - first) == list(range(first, after))
-        assert _resident_pages(fd, after + 1, 512) == []
+        assert resident_pages(fd, first, after - first) == list(range(first, after))
+        assert resident_pages(fd, after + 1, 512) == []
         assert cf.read(start * PAGE, pages * PAGE) == b"".join(written)
         assert cf.read((start + pages) * PAGE, 3 * PAGE) == bytes(3 * PAGE)
     finally:
@@ -386,8 +362,8 @@ def test_large_reads_of_a_hole_read_nothing_ahead(tmp_path, monkeypatch, nowait)
         assert chunks <= len(calls) // 2 <= 2 * chunks
         first = start // DEFAULT_BLOCK_SIZE
         after = (start + chunks * chunk - 1) // DEFAULT_BLOCK_SIZE + 1
-        assert _resident_pages(fd, first, after - first) == list(range(first, after))
-        assert _resident_pages(fd, after, 2048) == []
+        assert resident_pages(fd, first, after - first) == list(range(first, after))
+        assert resident_pages(fd, after, 2048) == []
     finally:
         os.close(fd)
 

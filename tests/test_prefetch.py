@@ -6,9 +6,7 @@ warms them; the helper ends with the mount) is in tests/test_perf_paths.py.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
 import signal
 import socket
@@ -20,33 +18,12 @@ import pytest
 
 from kmsfs.format import HEADER_XATTR
 from kmsfs.prefetch import Prefetcher, prefetch_files, serve
-
-BLOCK = 4096
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
+from pagecache import resident_pages
 
 
 def _cached(fd: int) -> bool:
-    """Whether the file's first page is in the page cache.
-
-    Asked with mincore(2) on a mapping that is never touched: a read, even
-    one with RWF_NOWAIT that is refused, would start the kernel's readahead
-    and bring the page in by itself.
-    """
-    mapping = mmap.mmap(fd, BLOCK, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    try:
-        view = ctypes.c_char.from_buffer(mapping)
-        try:
-            vector = ctypes.c_ubyte(0)
-            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(BLOCK),
-                             ctypes.byref(vector)) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-            return bool(vector.value & 1)
-        finally:
-            del view
-    finally:
-        mapping.close()
+    """Whether the file's first page is in the page cache."""
+    return resident_pages(fd, 0, 1) == [0]
 
 
 def _drop_pages(fd: int) -> None:
