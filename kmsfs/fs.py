@@ -271,6 +271,11 @@ class Listing:
 class FileHandle:
     inode: Inode
     flags: int
+    #: Served with direct_io: opened write-only (see KmsfsOperations._serves_direct).
+    direct: bool = False
+    #: (uid, gid, pid) of an opener whose writes must drop the file's set-user-ID
+    #: and set-group-ID bits (see _drop_set_id_bits); None: none to drop.
+    drops_set_id: tuple[int, int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -323,6 +328,8 @@ class KmsfsOperations(pyfuse3.Operations):
         self._foreign_ino = 1 << 62
         self._foreign: dict[tuple[int, int], int] = {}
         self._as_root = os.geteuid() == 0
+        #: Write requests answered, by how their handle was served (.kmsfs/status).
+        self.write_requests = {"direct": 0, "cached": 0}
         #: directory inode -> (user.kmsfs.key, canonical context, when looked up)
         self._dir_policy: dict[int, tuple[str | None, bytes, float]] = {}
         #: Recent HSM call latency (seconds, moving average): decides inline or thread.
@@ -905,7 +912,8 @@ class KmsfsOperations(pyfuse3.Operations):
         async with inode.lock:
             self._release_open(inode)  # _open_handle took its own reference
         inode.cache_stamp = _stamp(st)  # taken after the header and owner were set
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attrs(inode, st)
+        direct = self._file_handle(fh).direct
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct), self._attrs(inode, st)
 
     @_fuse_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -927,11 +935,77 @@ class KmsfsOperations(pyfuse3.Operations):
         stamp = _stamp(os.fstat(node.fd))
         keep = node.cache_stamp is not None and node.cache_stamp == stamp
         node.cache_stamp = stamp
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=self._file_handle(fh).direct)
 
     async def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
         await self._acquire_checked(node, flags, ctx)
-        return self._new_fh(FileHandle(node, flags))
+        handle = FileHandle(node, flags, direct=self._serves_direct(flags))
+        if self._as_root and ctx.uid != 0 and flags & os.O_ACCMODE != os.O_RDONLY:
+            handle.drops_set_id = (ctx.uid, ctx.gid, ctx.pid)
+        return self._new_fh(handle)
+
+    def _serves_direct(self, flags: int) -> bool:
+        """Whether a handle opened with ``flags`` is served with direct_io.
+
+        Write-only handles are: their writes then bypass the kernel's page
+        cache, and each write(2) becomes one WRITE request.  Through the page
+        cache (write-through, as the writeback cache is off), a write that
+        starts inside a page the cache does not hold whole is split at that
+        page's end, and each write(2) is preceded by a GETXATTR of
+        security.capability (the kernel's check for privileges to drop, since
+        libfuse 3.14 cannot negotiate FUSE_HANDLE_KILLPRIV_V2).  ``tar xf`` of
+        2,445 files: 11,279 WRITE and 9,735 GETXATTR requests, against 7,290
+        and 2,445 direct; 27% fewer requests in all.
+        Nothing is lost by it: a write-only descriptor cannot be mapped, and
+        the kernel drops its cached pages of the range before a direct write,
+        so readers and mappings through other descriptors stay coherent.  What
+        the kernel leaves to us for these writes is dropping set-id bits (see
+        _drop_set_id_bits).  With -o writeback_cache the cache is the point,
+        so every handle goes through it.
+        """
+        return flags & os.O_ACCMODE == os.O_WRONLY and not self.enable_writeback_cache
+
+    def _drop_set_id_bits(self, node: Inode, fd: int, writer: tuple[int, int, int]) -> None:
+        """Before a write: drop the set-id bits that write(2) drops on ext4.
+
+        The rule is the kernel's (setattr_should_drop_suidgid): set-user-ID
+        always, set-group-ID when group-executable or when the writer is not
+        in the file's group, unless the writer has CAP_FSETID, which is taken
+        to mean root; the writer is taken to be the opener.  For a direct
+        write the kernel only flags the WRITE (FUSE_WRITE_KILL_SUIDGID), and
+        pyfuse3 does not pass write flags on.  For a write through the page
+        cache it sends a SETATTR first, but FUSE's leaves out the writer who is
+        not in the group (fuse_setattr).  Only a daemon running as root gets
+        here: one that is not has no CAP_FSETID, so its own pwrite drops them.
+        """
+        st = os.fstat(fd)
+        if not st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            return
+        drop = st.st_mode & stat.S_ISUID
+        if st.st_mode & stat.S_ISGID:
+            _uid, gid, pid = writer
+            if st.st_mode & stat.S_IXGRP or not self._in_group(st.st_gid, gid, pid):
+                drop |= stat.S_ISGID
+        if not drop:
+            return
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~drop)
+        # The kernel's cached mode still has the bits (an exec would honour
+        # them): attributes only, so no page lock is involved and this is safe
+        # to do while answering the request.
+        try:
+            pyfuse3.invalidate_inode(node.ino, True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    @staticmethod
+    def _in_group(file_gid: int, gid: int, pid: int) -> bool:
+        if file_gid == gid:
+            return True
+        try:
+            return file_gid in pyfuse3.get_sup_groups(pid)
+        except (OSError, ValueError):
+            return False  # the opener is gone: drop the bit, the safe side
 
     async def _acquire_checked(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> OpenFile:
         """_acquire, plus the key-state and grant checks of every use of a file."""
@@ -1121,8 +1195,18 @@ class KmsfsOperations(pyfuse3.Operations):
             assert cipher_file is not None
             if handle.flags & os.O_APPEND and not self.enable_writeback_cache:
                 off = cipher_file.size()  # with writeback the kernel gives the right offset
+            if handle.drops_set_id is not None:
+                self._drop_set_id_bits(node, open_file.fd, handle.drops_set_id)
             written = await self._in_thread(node, cipher_file.write, off, buf, size=len(buf))
-            self._note_own_change(node)
+            self.write_requests["direct" if handle.direct else "cached"] += 1
+            if handle.direct:
+                # The kernel's cache did not see this write: it dropped the range's
+                # pages before sending it, and a reader may have read them back
+                # meanwhile.  The next open drops the cache (and no later write
+                # through the cache vouches for it: _note_own_change skips None).
+                node.cache_stamp = None
+            else:
+                self._note_own_change(node)
             return written
 
     @_fuse_op

@@ -271,6 +271,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "hsm_calls": dict(keystore.calls),
                 "dek_cache": envelope.dek_cache.stats() if envelope.dek_cache is not None else None,
                 "prefetch": ops.prefetcher.stats() if ops.prefetcher is not None else None,
+                "write_requests": dict(ops.write_requests),
                 "open_files": sum(1 for i in ops.inodes.values() if i.open_file is not None),
                 "known_inodes": len(ops.inodes),
             }

@@ -1165,6 +1165,12 @@ def run(op, rel, *args):
             os.close(fd)
     elif op == "rdwr":
         os.close(os.open(p(rel), os.O_RDWR))
+    elif op == "rdwr-write":  # through the page cache, where write-only opens are direct
+        fd = os.open(p(rel), os.O_RDWR)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
     elif op == "append":
         fd = os.open(p(rel), os.O_WRONLY | os.O_APPEND)
         try:
@@ -1284,6 +1290,14 @@ def build_layout(base: Path) -> None:
     f("userdir/file", 0o644, U, U)
     d("sgid", 0o2777, 0, STRANGER)  # setgid, of a group U is not in
     d("ugid", 0o2777, 0, U)  # setgid, of U's own group
+    # Set-id files that U may write: which bits a write drops.  Each twice, for
+    # a write-only open (direct to kmsfs) and a read-write one (through the cache).
+    for how in ("w", "rw"):
+        f(f"setid-{how}-suid", 0o4777)
+        f(f"setid-{how}-sgid-x", 0o2777)  # group-executable: dropped
+        f(f"setid-{how}-sgid-nox", 0o2666)  # not group-executable, U not in the group: dropped
+        f(f"setid-{how}-sgid-nox-own", 0o2666, 0, U)  # U's own group: kept
+        f(f"setid-{how}-both", 0o6777, 0, U)
 
 
 PERMISSION_OPS: list[tuple[Any, ...]] = [
@@ -1317,6 +1331,8 @@ PERMISSION_OPS: list[tuple[Any, ...]] = [
     ("create-empty", "sgid/setgid-file-2", 0o2755),
     ("rmdir", "open/newdir"), ("unlink", "userdir/file"), ("rmdir", "userdir"), ("listdir", "open"),
     ("stat", "open/setuid"), ("stat", "open/setgid"), ("stat", "u600"), ("stat", "u640"),
+    *[(op, f"setid-{how}-{kind}") for how, write in (("w", "write"), ("rw", "rdwr-write"))
+      for kind in ("suid", "sgid-x", "sgid-nox", "sgid-nox-own", "both") for op in (write, "stat")],
 ]
 
 
@@ -1365,6 +1381,13 @@ def test_permissions_ownership_and_modes_match_ext4_for_another_user(env, plain_
     assert results[("create", "sgid/file", 0o666)] == ["ok", [U, STRANGER, "0o640"]]
     assert results[("create", "sgid/setgid-file", 0o2777)] == ["ok", [U, STRANGER, "0o750"]]
     assert results[("read", "r600")][0] == "EACCES" and results[("unlink", "sticky/rootfile")][0] == "EPERM"
+    # A write drops set-user-ID, and set-group-ID unless the group may not
+    # execute and the writer is in it, whichever way the file was opened.
+    for how in ("w", "rw"):
+        modes = {kind: results[("stat", f"setid-{how}-{kind}")][1][2]
+                 for kind in ("suid", "sgid-x", "sgid-nox", "sgid-nox-own", "both")}
+        assert modes == {"suid": "0o777", "sgid-x": "0o777", "sgid-nox": "0o666", "sgid-nox-own": "0o2666",
+                         "both": "0o777"}, how
     # The backing files belong to U as well, and the content is there, encrypted.
     st = os.stat(env.store.backing / "perm" / "open" / "renamed")
     assert (st.st_uid, st.st_gid) == (U, U)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs.mount import _mount_device, _option_value, _split_options, _unescape_mount_path, _whole_number_option
+from pagecache import resident_pages
 
 
 def test_own_options_are_split_from_fuse_options():
@@ -362,6 +364,67 @@ def test_close_sends_no_flush_and_reports_no_error(mounted):
         os.write(fd, b"line %d\n" % i)
         os.close(fd)  # no FLUSH handler: close must still succeed
     assert path.read_bytes() == b"".join(b"line %d\n" % i for i in range(5))
+
+
+def test_each_write_through_a_write_only_descriptor_is_one_direct_request(mounted):
+    """Write-only handles are served with direct_io (fs._serves_direct): each
+    write(2) reaches the daemon as one request, also where it starts inside a
+    page (through the cache the kernel splits it there); other handles are not."""
+    path = mounted.path / "tar-like"
+    before = _status(mounted)["write_requests"]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for i in range(5):
+            assert os.write(fd, bytes([i]) * 10240) == 10240  # tar's record size
+    finally:
+        os.close(fd)
+    after = _status(mounted)["write_requests"]
+    assert (after["direct"] - before["direct"], after["cached"] - before["cached"]) == (5, 0)
+    with open(path, "r+b") as fh:
+        fh.write(b"x")
+        fh.flush()
+    assert _status(mounted)["write_requests"]["cached"] == after["cached"] + 1
+    assert path.read_bytes() == b"x" + b"\0" * 10239 + b"".join(bytes([i]) * 10240 for i in range(1, 5))
+
+
+def test_write_only_opens_keep_other_readers_and_mappings_coherent(mounted):
+    """Before a direct write the kernel drops the pages that other descriptors
+    and mappings hold of its range, and the next open keeps nothing stale."""
+    path = mounted.path / "coherent"
+    original = bytes(range(256)) * 80  # 20,480 bytes: five pages, six blocks
+    path.write_bytes(original)
+    expected = bytearray(original)
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(reader, len(original), 0) == original
+        assert resident_pages(reader, 0, 5) == [0, 1, 2, 3, 4]
+        view = mmap.mmap(reader, len(original), prot=mmap.PROT_READ)
+        writer = os.open(path, os.O_WRONLY)
+        try:
+            # A block's start, a page's interior across a block end, a page edge.
+            for offset, data in ((0, b"head"), (5000, b"across a block end"), (8190, b"page edge")):
+                assert view[offset:offset + len(data)] != data
+                assert os.pwrite(writer, data, offset) == len(data)
+                expected[offset:offset + len(data)] = data
+                assert view[offset:offset + len(data)] == data  # the mapping reads the new bytes
+                assert os.pread(reader, len(expected), 0) == expected
+            # Growing the file, and appending, both through the write-only handle.
+            assert os.pwrite(writer, b"past the end", len(expected)) == 12
+            expected += b"past the end"
+            appender = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                assert os.write(appender, b"appended") == 8
+            finally:
+                os.close(appender)
+            expected += b"appended"
+            assert os.fstat(reader).st_size == len(expected)
+            assert os.pread(reader, len(expected) + 10, 0) == expected
+        finally:
+            os.close(writer)
+            view.close()
+    finally:
+        os.close(reader)
+    assert path.read_bytes() == expected  # a new open keeps nothing stale
 
 
 def _status(mount) -> dict:

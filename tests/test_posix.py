@@ -91,6 +91,28 @@ def test_chmod_through_mount_and_backing(mounted):
     assert path.read_bytes() == b"data"
 
 
+@pytest.mark.parametrize("open_flags", [os.O_WRONLY, os.O_RDWR], ids=["write-only", "read-write"])
+def test_writes_by_the_owner_keep_set_id_bits_only_with_cap_fsetid(mounted, tmp_path, open_flags):
+    """What a write does to set-id bits, as on the backing filesystem (ext4):
+    a writer with CAP_FSETID (root) keeps them.  Write-only opens are direct
+    (fs._serves_direct), read-write ones go through the page cache; both agree.
+    Writers without it are in test_hostile's permission table."""
+    if os.geteuid() != 0:
+        pytest.skip("the rule for writers with CAP_FSETID needs root")
+    for base in (mounted.path, tmp_path):
+        for mode in (0o4755, 0o2755, 0o2644, 0o6777):
+            path = base / f"setid-{mode:o}"
+            path.write_bytes(b"before")
+            os.chmod(path, mode)
+            fd = os.open(path, open_flags)
+            try:
+                assert os.pwrite(fd, b"after", 0) == 5
+            finally:
+                os.close(fd)
+            assert stat.S_IMODE(path.stat().st_mode) == mode, (base, oct(mode))
+            assert path.read_bytes() == b"aftere"
+
+
 def test_chown_as_root(mounted):
     if os.geteuid() != 0:
         pytest.skip("chown to another user needs root")
