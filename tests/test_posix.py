@@ -92,11 +92,11 @@ def test_chmod_through_mount_and_backing(mounted):
 
 
 @pytest.mark.parametrize("open_flags", [os.O_WRONLY, os.O_RDWR], ids=["write-only", "read-write"])
-def test_writes_by_the_owner_keep_set_id_bits_only_with_cap_fsetid(mounted, tmp_path, open_flags):
+def test_writes_by_root_keep_set_id_bits(mounted, tmp_path, open_flags):
     """What a write does to set-id bits, as on the backing filesystem (ext4):
     a writer with CAP_FSETID (root) keeps them.  Write-only opens are direct
     (fs._serves_direct), read-write ones go through the page cache; both agree.
-    Writers without it are in test_hostile's permission table."""
+    Writers without CAP_FSETID are in test_hostile's permission table."""
     if os.geteuid() != 0:
         pytest.skip("the rule for writers with CAP_FSETID needs root")
     for base in (mounted.path, tmp_path):
