@@ -21,6 +21,8 @@ import types
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kmsfs.mount import _mount_device, _option_value, _split_options, _unescape_mount_path, _whole_number_option
 from pagecache import resident_pages
@@ -425,6 +427,47 @@ def test_write_only_opens_keep_other_readers_and_mappings_coherent(mounted):
     finally:
         os.close(reader)
     assert path.read_bytes() == expected  # a new open keeps nothing stale
+
+
+_MODEL_PAGES = 5
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["direct", "cached", "read", "map"]),
+                              st.integers(0, 7 * 4096), st.integers(1, 3 * 4096)), min_size=1, max_size=30),
+       seed=st.binary(min_size=8, max_size=8))
+def test_direct_and_cached_writes_agree_with_readers_and_a_mapping(mounted, ops, seed):
+    """Writes through a write-only handle (direct) and a read-write one (cached)
+    in any order, with a reader and a mapping held open throughout: every read
+    and every look through the mapping sees what a plain byte array says."""
+    path = mounted.path / f"model-{seed.hex()}-{len(ops)}"
+    model = bytearray(hashlib.sha256(seed).digest() * (_MODEL_PAGES * 4096 // 32))
+    path.write_bytes(model)
+    mapped = len(model)
+    reader = os.open(path, os.O_RDONLY)
+    cached = os.open(path, os.O_RDWR)
+    direct = os.open(path, os.O_WRONLY)
+    view = mmap.mmap(reader, mapped, prot=mmap.PROT_READ)
+    try:
+        for step, (kind, offset, length) in enumerate(ops):
+            if kind in ("direct", "cached"):
+                data = hashlib.sha256(seed + bytes([step])).digest() * (length // 32 + 1)
+                data = data[:length]
+                assert os.pwrite(direct if kind == "direct" else cached, data, offset) == length
+                if offset > len(model):
+                    model += bytes(offset - len(model))
+                model[offset:offset + length] = data
+            elif kind == "read":
+                assert os.pread(reader, length, offset) == bytes(model[offset:offset + length]), step
+            else:
+                end = min(offset + length, mapped)
+                assert view[min(offset, end):end] == bytes(model[min(offset, end):end]), step
+    finally:
+        view.close()
+        for fd in (reader, cached, direct):
+            os.close(fd)
+    assert path.read_bytes() == model
+    path.unlink()
 
 
 def _status(mount) -> dict:
