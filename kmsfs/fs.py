@@ -35,6 +35,7 @@ from pyfuse3 import FUSEError
 
 from . import fuseloop
 from .cipherfile import CipherFile, WouldBlock
+from .fuseinit import Negotiated
 from .truncation import TruncationJournal
 from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
 from .contentcrypt import BlockAuthError, ContentCipher
@@ -330,6 +331,8 @@ class KmsfsOperations(pyfuse3.Operations):
         self._as_root = os.geteuid() == 0
         #: Write requests answered, by how their handle was served (.kmsfs/status).
         self.write_requests = {"direct": 0, "cached": 0}
+        #: The FUSE flags kmsfs/fuseinit.py answered INIT with; None: libfuse's own.
+        self.init_flags: Negotiated | None = None
         #: directory inode -> (user.kmsfs.key, canonical context, when looked up)
         self._dir_policy: dict[int, tuple[str | None, bytes, float]] = {}
         #: Recent HSM call latency (seconds, moving average): decides inline or thread.
@@ -617,6 +620,7 @@ class KmsfsOperations(pyfuse3.Operations):
             if not stat.S_ISREG(node.mode):
                 raise FUSEError(errno.EINVAL)
             await self._truncate(node, attr.st_size, ctx)
+            self._drop_set_id_bits_for(node, ctx)
         if fields.update_mode:
             if stat.S_ISLNK(node.mode):
                 raise FUSEError(errno.EOPNOTSUPP)
@@ -926,6 +930,7 @@ class KmsfsOperations(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             try:
                 await self._truncate(node, 0, ctx)
+                self._drop_set_id_bits_for(node, ctx)
             except BaseException:
                 await self._close_handle(fh)
                 raise
@@ -951,11 +956,10 @@ class KmsfsOperations(pyfuse3.Operations):
         cache, and each write(2) becomes one WRITE request.  Through the page
         cache (write-through, as the writeback cache is off), a write that
         starts inside a page the cache does not hold whole is split at that
-        page's end, and each write(2) is preceded by a GETXATTR of
-        security.capability (the kernel's check for privileges to drop, since
-        libfuse 3.14 cannot negotiate FUSE_HANDLE_KILLPRIV_V2).  ``tar xf`` of
-        2,445 files: 11,279 WRITE and 9,735 GETXATTR requests, against 7,290
-        and 2,445 direct; 27% fewer requests in all.
+        page's end, and, with libfuse's INIT flags (kmsfs/fuseinit.py), each
+        write(2) is preceded by a GETXATTR of security.capability.  ``tar xf``
+        of 2,445 files with those flags: 11,279 WRITE and 9,735 GETXATTR
+        requests, against 7,290 and 2,445 direct; 27% fewer requests in all.
         Nothing is lost by it: a write-only descriptor cannot be mapped, and
         the kernel drops its cached pages of the range before a direct write,
         so readers and mappings through other descriptors stay coherent.  What
@@ -965,20 +969,23 @@ class KmsfsOperations(pyfuse3.Operations):
         """
         return flags & os.O_ACCMODE == os.O_WRONLY and not self.enable_writeback_cache
 
-    def _drop_set_id_bits(self, node: Inode, fd: int, writer: tuple[int, int, int]) -> None:
-        """Before a write: drop the set-id bits that write(2) drops on ext4.
+    def _drop_set_id_bits(self, node: Inode, writer: tuple[int, int, int]) -> None:
+        """Before a write, or after a truncate: drop the set-id bits that ext4 drops.
 
         The rule is the kernel's (setattr_should_drop_suidgid): set-user-ID
         always, set-group-ID when group-executable or when the writer is not
         in the file's group, unless the writer has CAP_FSETID, which is taken
-        to mean root; the writer is taken to be the opener.  For a direct
-        write the kernel only flags the WRITE (FUSE_WRITE_KILL_SUIDGID), and
-        pyfuse3 does not pass write flags on.  For a write through the page
-        cache it sends a SETATTR first, but FUSE's leaves out the writer who is
-        not in the group (fuse_setattr).  Only a daemon running as root gets
-        here: one that is not has no CAP_FSETID, so its own pwrite drops them.
+        to mean root; for a write the writer is taken to be the opener.  The
+        kernel leaves this to us: with FUSE_HANDLE_KILLPRIV_V2 (kmsfs/fuseinit.py)
+        for every write and truncate, and for direct writes in any case; it
+        flags them (FUSE_WRITE_KILL_SUIDGID and the like), but pyfuse3 does not
+        pass those flags on.  Without it, for writes through the page cache it
+        sends a SETATTR first, but FUSE's leaves out the writer who is not in
+        the group (fuse_setattr).  Only a daemon running as root gets here:
+        one that is not has no CAP_FSETID, so its own pwrite and ftruncate
+        drop them.
         """
-        st = os.fstat(fd)
+        st = os.fstat(node.fd)
         if not st.st_mode & (stat.S_ISUID | stat.S_ISGID):
             return
         drop = st.st_mode & stat.S_ISUID
@@ -988,7 +995,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 drop |= stat.S_ISGID
         if not drop:
             return
-        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~drop)
+        os.chmod(_proc(node.fd), stat.S_IMODE(st.st_mode) & ~drop)
         # The kernel's cached mode still has the bits (an exec would honour
         # them): attributes only, so no page lock is involved and this is safe
         # to do while answering the request.
@@ -997,6 +1004,11 @@ class KmsfsOperations(pyfuse3.Operations):
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+    def _drop_set_id_bits_for(self, node: Inode, ctx: pyfuse3.RequestContext) -> None:
+        """_drop_set_id_bits after a truncate by ``ctx``'s caller (truncate(2), open with O_TRUNC)."""
+        if self._as_root and ctx.uid != 0:
+            self._drop_set_id_bits(node, (ctx.uid, ctx.gid, ctx.pid))
 
     @staticmethod
     def _in_group(file_gid: int, gid: int, pid: int) -> bool:
@@ -1196,7 +1208,7 @@ class KmsfsOperations(pyfuse3.Operations):
             if handle.flags & os.O_APPEND and not self.enable_writeback_cache:
                 off = cipher_file.size()  # with writeback the kernel gives the right offset
             if handle.drops_set_id is not None:
-                self._drop_set_id_bits(node, open_file.fd, handle.drops_set_id)
+                self._drop_set_id_bits(node, handle.drops_set_id)
             written = await self._in_thread(node, cipher_file.write, off, buf, size=len(buf))
             self.write_requests["direct" if handle.direct else "cached"] += 1
             if handle.direct:

@@ -22,7 +22,7 @@ import trio
 
 from .dekcache import DekCache
 from .envelope import Envelope
-from . import fuseloop
+from . import fuseinit, fuseloop
 from .fs import KmsfsOperations
 from .keyregistry import KeyRegistry, key_changes_settled
 from .keystore import HsmError, KeyStore
@@ -103,7 +103,7 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 
 
 #: Mount options that kmsfs itself takes (not passed to FUSE).
-KMSFS_OPTIONS = frozenset({"writeback_cache"})
+KMSFS_OPTIONS = frozenset({"writeback_cache", "libfuse_init"})
 #: kmsfs's own options that take a value (``name=value``).
 KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "dek_cache", "dek_cache_seconds"})
 
@@ -272,6 +272,11 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "dek_cache": envelope.dek_cache.stats() if envelope.dek_cache is not None else None,
                 "prefetch": ops.prefetcher.stats() if ops.prefetcher is not None else None,
                 "write_requests": dict(ops.write_requests),
+                "fuse_init": None if ops.init_flags is None else {
+                    "flags": hex(ops.init_flags.flags),
+                    "handle_killpriv_v2": ops.init_flags.handle_killpriv_v2,
+                    "auto_inval_data": ops.init_flags.auto_inval_data,
+                },
                 "open_files": sum(1 for i in ops.inodes.values() if i.open_file is not None),
                 "known_inodes": len(ops.inodes),
             }
@@ -375,6 +380,20 @@ def serve(
         log.error("%s", message)
         report(f"ERROR {message}")
         return 1
+    try:
+        if "libfuse_init" not in own_options:
+            ops.init_flags = fuseinit.answer_init()
+    except Exception as exc:
+        _close_prefetcher(ops)
+        keystore.close()
+        pyfuse3.close(unmount=True)
+        message = f"FUSE INIT on {mountpoint} failed: {exc}"
+        log.exception("%s", message)
+        report(f"ERROR {message}")
+        return 1
+    if ops.init_flags is None:
+        log.warning("answered FUSE INIT with libfuse's flags: a GETXATTR before every write and a GETATTR "
+                    "before reads after writes (kmsfs/fuseinit.py)")
     pid_fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     with os.fdopen(pid_fd, "w") as fh:
         fh.write(f"{os.getpid()}\n")

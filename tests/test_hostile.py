@@ -1179,6 +1179,8 @@ def run(op, rel, *args):
             os.close(fd)
     elif op == "truncate":
         os.truncate(p(rel), 1)
+    elif op == "open-trunc":
+        os.close(os.open(p(rel), os.O_WRONLY | os.O_TRUNC))
     elif op == "create":
         fd = os.open(p(rel), os.O_CREAT | os.O_EXCL | os.O_WRONLY, args[0])
         try:
@@ -1290,15 +1292,20 @@ def build_layout(base: Path) -> None:
     f("userdir/file", 0o644, U, U)
     d("sgid", 0o2777, 0, STRANGER)  # setgid, of a group U is not in
     d("ugid", 0o2777, 0, U)  # setgid, of U's own group
-    # Set-id files that U may write: which bits a write drops.  Each twice, for
-    # a write-only open (direct to kmsfs) and a read-write one (through the cache).
-    for how in ("w", "rw"):
+    # Set-id files that U may write: which bits a write drops, for a write-only
+    # open (direct to kmsfs) and a read-write one (through the cache), and which
+    # a truncate and an open with O_TRUNC drop.
+    for how in SET_ID_CHANGES:
         f(f"setid-{how}-suid", 0o4777)
         f(f"setid-{how}-sgid-x", 0o2777)  # group-executable: dropped
         f(f"setid-{how}-sgid-nox", 0o2666)  # not group-executable, U not in the group: dropped
         f(f"setid-{how}-sgid-nox-own", 0o2666, 0, U)  # U's own group: kept
         f(f"setid-{how}-both", 0o6777, 0, U)
 
+
+#: How U changes each set-id file, by the infix of its name.
+SET_ID_CHANGES = {"w": "write", "rw": "rdwr-write", "t": "truncate", "o": "open-trunc"}
+SET_ID_KINDS = ("suid", "sgid-x", "sgid-nox", "sgid-nox-own", "both")
 
 PERMISSION_OPS: list[tuple[Any, ...]] = [
     ("read", "r600"), ("read", "r640"), ("read", "r644"), ("write", "r644"), ("rdwr", "r644"),
@@ -1331,8 +1338,8 @@ PERMISSION_OPS: list[tuple[Any, ...]] = [
     ("create-empty", "sgid/setgid-file-2", 0o2755),
     ("rmdir", "open/newdir"), ("unlink", "userdir/file"), ("rmdir", "userdir"), ("listdir", "open"),
     ("stat", "open/setuid"), ("stat", "open/setgid"), ("stat", "u600"), ("stat", "u640"),
-    *[(op, f"setid-{how}-{kind}") for how, write in (("w", "write"), ("rw", "rdwr-write"))
-      for kind in ("suid", "sgid-x", "sgid-nox", "sgid-nox-own", "both") for op in (write, "stat")],
+    *[(op, f"setid-{how}-{kind}") for how, change in SET_ID_CHANGES.items()
+      for kind in SET_ID_KINDS for op in (change, "stat")],
 ]
 
 
@@ -1381,11 +1388,10 @@ def test_permissions_ownership_and_modes_match_ext4_for_another_user(env, plain_
     assert results[("create", "sgid/file", 0o666)] == ["ok", [U, STRANGER, "0o640"]]
     assert results[("create", "sgid/setgid-file", 0o2777)] == ["ok", [U, STRANGER, "0o750"]]
     assert results[("read", "r600")][0] == "EACCES" and results[("unlink", "sticky/rootfile")][0] == "EPERM"
-    # A write drops set-user-ID, and set-group-ID unless the group may not
-    # execute and the writer is in it, whichever way the file was opened.
-    for how in ("w", "rw"):
-        modes = {kind: results[("stat", f"setid-{how}-{kind}")][1][2]
-                 for kind in ("suid", "sgid-x", "sgid-nox", "sgid-nox-own", "both")}
+    # A write or truncate drops set-user-ID, and set-group-ID unless the group
+    # may not execute and the writer is in it, whichever way the file was opened.
+    for how in SET_ID_CHANGES:
+        modes = {kind: results[("stat", f"setid-{how}-{kind}")][1][2] for kind in SET_ID_KINDS}
         assert modes == {"suid": "0o777", "sgid-x": "0o777", "sgid-nox": "0o666", "sgid-nox-own": "0o2666",
                          "both": "0o777"}, how
     # The backing files belong to U as well, and the content is there, encrypted.

@@ -470,6 +470,37 @@ def test_direct_and_cached_writes_agree_with_readers_and_a_mapping(mounted, ops,
     path.unlink()
 
 
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = os.uname().release.split(".")
+    return (int(release[0]), int(release[1].split("-")[0])) >= (major, minor)
+
+
+def test_init_takes_over_set_id_bits_and_turns_off_auto_inval_data(mounted):
+    """kmsfs/fuseinit.py answers INIT itself: FUSE_HANDLE_KILLPRIV_V2 where the
+    kernel offers it (5.11 and later), and no FUSE_AUTO_INVAL_DATA."""
+    init = _status(mounted)["fuse_init"]
+    assert init is not None, mounted.log()
+    assert init["auto_inval_data"] is False
+    assert init["handle_killpriv_v2"] is _kernel_at_least(5, 11)
+    assert "FUSE INIT answered with flags" in mounted.log()
+    # Own writes through the cache, then reads through a held handle: exact.
+    path = mounted.path / "own"
+    with open(path, "w+b") as fh:
+        for i in range(50):
+            fh.seek(i * 4096)
+            fh.write(bytes([i]) * 4096)
+            fh.seek((i // 2) * 4096)
+            assert fh.read(4096) == bytes([i // 2]) * 4096
+
+
+def test_libfuse_init_leaves_init_to_libfuse(store):
+    m = store.mount(None, "libfuse_init")
+    assert _status(m)["fuse_init"] is None
+    assert "answered FUSE INIT with libfuse's flags" in m.log()
+    (m.path / "f").write_bytes(b"libfuse's flags")
+    assert (m.path / "f").read_bytes() == b"libfuse's flags"
+
+
 def _status(mount) -> dict:
     return json.loads((mount.path / ".kmsfs" / "status").read_bytes())
 

@@ -1,0 +1,67 @@
+"""kmsfs/fuseinit.py's lookups, each of which must say "not here" rather than guess.
+
+That INIT is answered with the flags, and what the file system then owes the
+kernel, is checked on real mounts: tests/test_perf_paths.py (the flags, and
+-o libfuse_init) and tests/test_hostile.py (set-id bits on write, truncate
+and open with O_TRUNC, against ext4).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+
+import pyfuse3
+
+from kmsfs import fuseinit
+
+
+def test_pyfuse3s_session_symbols_are_found_in_its_module():
+    symbols = fuseinit._elf_symbols(pyfuse3.__file__, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session",
+                                                       "__pyx_v_7pyfuse3_session_fd", "no_such_symbol"})
+    assert set(symbols) == {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_session_fd"}
+    assert len(set(symbols.values())) == 3
+
+
+def test_a_file_that_is_not_elf_has_no_symbols(tmp_path):
+    path = tmp_path / "not-elf.so"
+    path.write_bytes(b"#!/bin/sh\n" * 100)
+    assert fuseinit._elf_symbols(str(path), {"PyInit_pyfuse3"}) == {}
+    big_endian = bytearray(b"\x7fELF\x02\x02" + bytes(58))
+    path.write_bytes(big_endian)
+    assert fuseinit._elf_symbols(str(path), {"PyInit_pyfuse3"}) == {}
+
+
+def test_without_a_symbol_table_nothing_is_touched(monkeypatch, caplog):
+    monkeypatch.setattr(fuseinit, "_elf_symbols", lambda path, wanted: {})
+    caplog.set_level(logging.WARNING, logger="kmsfs.fuseinit")
+    assert fuseinit._pyfuse3_session() is None
+    assert fuseinit.answer_init() is None  # and no INIT was read: nothing is mounted here
+    assert "no symbol table" in caplog.text
+
+
+def _session_like(*ints: int) -> ctypes.Array:
+    return (ctypes.c_int * 16)(*ints)
+
+
+def test_the_session_descriptor_is_found_by_its_value_alone(caplog):
+    # libfuse 3.14: char *mountpoint; volatile int exited; int fd; ...
+    session = _session_like(0x5678, 0x7F00, 0, 7, 0x1234, 0x7F00, 1, 0)
+    field = fuseinit._session_fd_field(ctypes.addressof(session), 7)
+    assert field is not None and field.value == 7
+    field.value = 9
+    assert session[3] == 9
+    # Twice, or not at all: no guess.
+    caplog.set_level(logging.WARNING, logger="kmsfs.fuseinit")
+    assert fuseinit._session_fd_field(ctypes.addressof(_session_like(0, 0, 0, 7, 7)), 7) is None
+    assert fuseinit._session_fd_field(ctypes.addressof(_session_like(0, 0, 0, 8)), 7) is None
+    assert "descriptor not found (2 candidates)" in caplog.text
+
+
+def test_init_reply_flags_sit_where_the_protocol_puts_them():
+    # struct fuse_out_header, then fuse_init_out's major, minor, max_readahead and flags.
+    reply = struct.pack("<IiQIIII", 80, 0, 2, 7, 31, 0x20000, 0x4040B039)
+    assert struct.unpack_from("<I", reply, fuseinit._INIT_OUT_FLAGS)[0] == 0x4040B039
+    negotiated = fuseinit.Negotiated((0x4040B039 | fuseinit.FUSE_HANDLE_KILLPRIV_V2) & ~fuseinit.FUSE_AUTO_INVAL_DATA)
+    assert negotiated.handle_killpriv_v2 and not negotiated.auto_inval_data
