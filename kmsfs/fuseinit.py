@@ -70,6 +70,8 @@ _INIT_OUT_FLAGS = _OUT_HEADER.size + 12  # after major, minor, max_readahead
 
 #: How long to wait for the kernel's INIT, which it queues while mounting.
 INIT_WAIT_SECONDS = 10.0
+#: Said whenever INIT is left to libfuse.
+LEFT_TO_LIBFUSE = "FUSE INIT is answered with libfuse's flags"
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def _pyfuse3_session() -> tuple[int, int] | None:
     anchor, session, session_fd = "PyInit_pyfuse3", "__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_session_fd"
     symbols = _elf_symbols(path, {anchor, session, session_fd})
     if len(symbols) != 3:
-        log.warning("pyfuse3's module has no symbol table with its session (stripped?)")
+        log.warning("pyfuse3's module has no symbol table with its session (stripped?); %s", LEFT_TO_LIBFUSE)
         return None
     module = ctypes.CDLL(path)
     base = ctypes.cast(getattr(module, anchor), ctypes.c_void_p).value
@@ -135,7 +137,7 @@ def _pyfuse3_session() -> tuple[int, int] | None:
     se = ctypes.c_void_p.from_address(base + symbols[session]).value
     fd = ctypes.c_int.from_address(base + symbols[session_fd]).value
     if not se or fd < 3 or os.readlink(f"/proc/self/fd/{fd}") != "/dev/fuse":
-        log.warning("pyfuse3's session is not where expected")
+        log.warning("pyfuse3's session is not where expected; %s", LEFT_TO_LIBFUSE)
         return None
     return se, fd
 
@@ -144,7 +146,7 @@ def _session_fd_field(se: int, fd: int) -> ctypes.c_int | None:
     """libfuse's ``fd`` in its session (after the mountpoint pointer and ``exited``): found by value."""
     matches = [offset for offset in range(0, 64, 4) if ctypes.c_int.from_address(se + offset).value == fd]
     if len(matches) != 1:
-        log.warning("libfuse's session descriptor not found (%d candidates)", len(matches))
+        log.warning("libfuse's session descriptor not found (%d candidates); %s", len(matches), LEFT_TO_LIBFUSE)
         return None
     return ctypes.c_int.from_address(se + matches[0])
 
@@ -153,9 +155,17 @@ def _read_init(fd: int) -> bytes | None:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     if not poller.poll(INIT_WAIT_SECONDS * 1000):
-        log.warning("no INIT from the kernel within %.0f s", INIT_WAIT_SECONDS)
+        log.warning("no INIT from the kernel within %.0f s; %s", INIT_WAIT_SECONDS, LEFT_TO_LIBFUSE)
         return None
-    return os.read(fd, 1 << 20)
+    try:
+        return os.read(fd, 1 << 20)
+    except OSError as exc:
+        if exc.errno != errno.ENODEV:
+            raise
+        # Unmounted before INIT was read: pyfuse3's loop finds the session
+        # ended, as it would have without us, and the daemon exits normally.
+        log.info("the mount went away before FUSE INIT")
+        return None
 
 
 def answer_init(set_flags: int = FUSE_HANDLE_KILLPRIV_V2, clear_flags: int = FUSE_AUTO_INVAL_DATA) -> Negotiated | None:
@@ -185,7 +195,7 @@ def answer_init(set_flags: int = FUSE_HANDLE_KILLPRIV_V2, clear_flags: int = FUS
     fuse_buf = _FuseBuf(size=len(request), flags=0, mem=ctypes.cast(buffer, ctypes.c_void_p), fd=-1, pos=0)
     _length, opcode, unique, *_ = _IN_HEADER.unpack_from(request)
     if opcode != FUSE_INIT or len(request) < _IN_HEADER.size + _INIT_IN.size:
-        log.warning("the first request is opcode %d, not INIT", opcode)
+        log.warning("the first request is opcode %d, not INIT; %s", opcode, LEFT_TO_LIBFUSE)
         process_buf(se, ctypes.byref(fuse_buf))
         return None
     offered = _INIT_IN.unpack_from(request, _IN_HEADER.size)[3]

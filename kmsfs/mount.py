@@ -193,16 +193,20 @@ def _unescape_mount_path(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _set_read_ahead(target: str, kib: int) -> None:
+def _set_read_ahead(target: str, kib: int, init_answered: bool = False) -> None:
     """Raise the mount's readahead window (root only; otherwise the default stays).
 
-    Blocking, in a worker thread once the loop serves: the kernel applies FUSE's
-    own limit when INIT is answered, overwriting anything set before, so this
-    first stat()s the mountpoint, which returns only after INIT is done.
+    The kernel applies FUSE's own limit when INIT is answered, overwriting
+    anything set before.  Unless INIT is known to be answered (fuseinit did
+    it), this first stat()s the mountpoint, which returns only after INIT is
+    done: blocking, so in a worker thread once the loop serves.  That stat
+    keeps the mount busy while it runs, so an unmount at that moment fails
+    with EBUSY: one more reason to skip it when it is not needed.
     """
     if kib <= 0:
         return
-    os.stat(target)
+    if not init_answered:
+        os.stat(target)
     device = _mount_device(target)
     if device is None:
         log.debug("read_ahead_kb: no mountinfo entry for %s", target)
@@ -380,20 +384,25 @@ def serve(
         log.error("%s", message)
         report(f"ERROR {message}")
         return 1
-    try:
-        if "libfuse_init" not in own_options:
+    if "libfuse_init" in own_options:
+        log.info("-o libfuse_init: %s", fuseinit.LEFT_TO_LIBFUSE)
+    else:
+        try:
             ops.init_flags = fuseinit.answer_init()
-    except Exception as exc:
-        _close_prefetcher(ops)
-        keystore.close()
-        pyfuse3.close(unmount=True)
-        message = f"FUSE INIT on {mountpoint} failed: {exc}"
-        log.exception("%s", message)
-        report(f"ERROR {message}")
-        return 1
-    if ops.init_flags is None:
-        log.warning("answered FUSE INIT with libfuse's flags: a GETXATTR before every write and a GETATTR "
-                    "before reads after writes (kmsfs/fuseinit.py)")
+        except Exception as exc:
+            _close_prefetcher(ops)
+            keystore.close()
+            pyfuse3.close(unmount=True)
+            message = f"FUSE INIT on {mountpoint} failed: {exc}"
+            log.exception("%s", message)
+            report(f"ERROR {message}")
+            return 1
+    if ops.init_flags is not None and read_ahead_kb > 0:
+        try:
+            _set_read_ahead(resolved_mountpoint, read_ahead_kb, init_answered=True)
+        except Exception:  # never end the mount over a tuning knob
+            log.warning("could not set read_ahead_kb on %s", resolved_mountpoint, exc_info=True)
+        read_ahead_kb = 0  # done: the loop need not wait for INIT to do it
     pid_fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     with os.fdopen(pid_fd, "w") as fh:
         fh.write(f"{os.getpid()}\n")

@@ -9,7 +9,9 @@ and open with O_TRUNC, against ext4).
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
+import os
 import struct
 
 import pyfuse3
@@ -38,7 +40,25 @@ def test_without_a_symbol_table_nothing_is_touched(monkeypatch, caplog):
     caplog.set_level(logging.WARNING, logger="kmsfs.fuseinit")
     assert fuseinit._pyfuse3_session() is None
     assert fuseinit.answer_init() is None  # and no INIT was read: nothing is mounted here
-    assert "no symbol table" in caplog.text
+    assert "no symbol table" in caplog.text and fuseinit.LEFT_TO_LIBFUSE in caplog.text
+
+
+def test_a_mount_gone_before_init_is_not_an_error(monkeypatch):
+    """fusermount -u right after the mount appears: the kernel drops the
+    connection, reading INIT fails with ENODEV, and pyfuse3's loop ends the
+    session as it would have without kmsfs/fuseinit.py."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x")
+
+    def gone(fd: int, size: int) -> bytes:
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(fuseinit.os, "read", gone)
+    try:
+        assert fuseinit._read_init(read_end) is None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _session_like(*ints: int) -> ctypes.Array:

@@ -496,7 +496,7 @@ def test_init_takes_over_set_id_bits_and_turns_off_auto_inval_data(mounted):
 def test_libfuse_init_leaves_init_to_libfuse(store):
     m = store.mount(None, "libfuse_init")
     assert _status(m)["fuse_init"] is None
-    assert "answered FUSE INIT with libfuse's flags" in m.log()
+    assert "-o libfuse_init: FUSE INIT is answered with libfuse's flags" in m.log()
     (m.path / "f").write_bytes(b"libfuse's flags")
     assert (m.path / "f").read_bytes() == b"libfuse's flags"
 
