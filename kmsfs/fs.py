@@ -948,8 +948,8 @@ class KmsfsOperations(pyfuse3.Operations):
     async def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
         await self._acquire_checked(node, flags, ctx)
         handle = FileHandle(node, flags, direct=self._serves_direct(flags))
-        if self._as_root and ctx.uid != 0 and flags & os.O_ACCMODE != os.O_RDONLY:
-            handle.drops_set_id = (ctx.uid, ctx.gid, ctx.pid)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            handle.drops_set_id = self._set_id_writer(ctx)
         return self._new_fh(handle)
 
     def _serves_direct(self, flags: int) -> bool:
@@ -1008,10 +1008,17 @@ class KmsfsOperations(pyfuse3.Operations):
             if exc.errno != errno.ENOENT:
                 raise
 
+    def _set_id_writer(self, ctx: pyfuse3.RequestContext) -> tuple[int, int, int] | None:
+        """(uid, gid, pid) of a caller whose writes and truncates must drop set-id
+        bits; None for root, and for every caller of a daemon not running as root
+        (see _drop_set_id_bits)."""
+        return (ctx.uid, ctx.gid, ctx.pid) if self._as_root and ctx.uid != 0 else None
+
     def _drop_set_id_bits_for(self, node: Inode, ctx: pyfuse3.RequestContext) -> None:
         """_drop_set_id_bits after a truncate by ``ctx``'s caller (truncate(2), open with O_TRUNC)."""
-        if self._as_root and ctx.uid != 0:
-            self._drop_set_id_bits(node, (ctx.uid, ctx.gid, ctx.pid))
+        writer = self._set_id_writer(ctx)
+        if writer is not None:
+            self._drop_set_id_bits(node, writer)
 
     @staticmethod
     def _in_group(file_gid: int, gid: int, pid: int) -> bool:
