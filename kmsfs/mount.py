@@ -205,6 +205,13 @@ def _set_read_ahead(target: str, kib: int, init_answered: bool = False) -> None:
     """
     if kib <= 0:
         return
+    try:
+        _write_read_ahead(target, kib, init_answered)
+    except Exception:  # never end the mount over a tuning knob
+        log.warning("could not set read_ahead_kb on %s", target, exc_info=True)
+
+
+def _write_read_ahead(target: str, kib: int, init_answered: bool) -> None:
     if not init_answered:
         os.stat(target)
     device = _mount_device(target)
@@ -397,11 +404,8 @@ def serve(
             log.exception("%s", message)
             report(f"ERROR {message}")
             return 1
-    if ops.init_flags is not None and read_ahead_kb > 0:
-        try:
-            _set_read_ahead(resolved_mountpoint, read_ahead_kb, init_answered=True)
-        except Exception:  # never end the mount over a tuning knob
-            log.warning("could not set read_ahead_kb on %s", resolved_mountpoint, exc_info=True)
+    if ops.init_flags is not None:
+        _set_read_ahead(resolved_mountpoint, read_ahead_kb, init_answered=True)
         read_ahead_kb = 0  # done: the loop need not wait for INIT to do it
     pid_fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     with os.fdopen(pid_fd, "w") as fh:
@@ -466,10 +470,7 @@ async def _main_loop(ops: KmsfsOperations, mountpoint: str = "", read_ahead_kb: 
 
 
 async def _tune_read_ahead(mountpoint: str, kib: int) -> None:
-    try:
-        await trio.to_thread.run_sync(_set_read_ahead, mountpoint, kib, abandon_on_cancel=True)
-    except Exception:  # never end the mount over a tuning knob
-        log.warning("could not set read_ahead_kb on %s", mountpoint, exc_info=True)
+    await trio.to_thread.run_sync(_set_read_ahead, mountpoint, kib, abandon_on_cancel=True)
 
 
 async def _run_schedule(ops: KmsfsOperations) -> None:
