@@ -666,6 +666,41 @@ class KmsfsOperations(pyfuse3.Operations):
         return os.fsencode(os.readlink("", dir_fd=node.fd))
 
     @_fuse_op
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        """access(2) and chdir(2), on a mount without default_permissions.
+
+        Only root's mount for root alone is made without it (see
+        _kernel_checks_permissions in kmsfs/mount.py); with it, the kernel
+        answers these itself.  Without an answer here it would let every
+        access(2) pass, X_OK on a file that no one may execute included.
+        """
+        if inode >= CONTROL_BASE:
+            attrs = self.control.attrs(self.control.node(inode))
+            st_mode, st_uid, st_gid = attrs.st_mode, attrs.st_uid, attrs.st_gid
+        else:
+            st = os.fstat(self._inode(inode).fd)
+            st_mode, st_uid, st_gid = st.st_mode, st.st_uid, st.st_gid
+        return self._mode_permits(st_mode, st_uid, st_gid, mode, ctx)
+
+    def _mode_permits(self, st_mode: int, st_uid: int, st_gid: int, mask: int, ctx: pyfuse3.RequestContext) -> bool:
+        """The kernel's check of mode bits (generic_permission), without ACLs.
+
+        Root may read and write anything, and execute what is a directory or
+        has at least one execute bit.  Anyone else gets the owner's, the
+        group's or the others' bits, whichever class they fall in first.
+        """
+        mask &= os.R_OK | os.W_OK | os.X_OK
+        if ctx.uid == 0:
+            return not mask & os.X_OK or stat.S_ISDIR(st_mode) or bool(st_mode & 0o111)
+        if ctx.uid == st_uid:
+            allowed = (st_mode >> 6) & 0o7
+        elif self._in_group(st_gid, ctx.gid, ctx.pid):
+            allowed = (st_mode >> 3) & 0o7
+        else:
+            allowed = st_mode & 0o7
+        return mask & ~allowed == 0
+
+    @_fuse_op
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(_proc(self.inodes[pyfuse3.ROOT_INODE].fd))
         data = pyfuse3.StatvfsData()

@@ -40,6 +40,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -1141,7 +1142,7 @@ U = OTHER_UID  # the other user (and its group), with no supplementary groups
 STRANGER = 4321  # owns files and groups that U has no part in
 
 PERM_SCRIPT = r"""
-import errno, json, os, stat, sys
+import errno, json, os, stat, subprocess, sys
 
 base = sys.argv[1]
 os.umask(0o027)
@@ -1232,6 +1233,11 @@ def run(op, rel, *args):
         return os.getxattr(p(rel), "user.test").decode()
     elif op == "access":
         return [os.access(p(rel), mode) for mode in (os.R_OK, os.W_OK, os.X_OK)]
+    elif op == "exec":  # the files hold no program: ENOEXEC once the execute check passed
+        return subprocess.run([p(rel)], capture_output=True, check=False).returncode
+    elif op == "chdir":
+        os.chdir(p(rel))
+        os.chdir(base)
     else:
         raise ValueError(op)
 
@@ -1243,6 +1249,22 @@ for op in json.loads(sys.argv[2]):
         results.append([errno.errorcode.get(exc.errno, str(exc.errno)), None])
 print(json.dumps(results))
 """
+
+
+def as_root(base: Path, ops: list[tuple[Any, ...]]) -> list[list[Any]]:
+    result = subprocess.run([USER_PYTHON, "-c", PERM_SCRIPT, str(base), json.dumps(ops)], capture_output=True,
+                            text=True, timeout=120, cwd="/", check=False)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def super_options(mountpoint: Path) -> set[str]:
+    """The filesystem's own options in /proc/self/mountinfo (FUSE's are there)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mountpoint):
+            return set(fields[-1].split(","))
+    raise AssertionError(f"{mountpoint} is not in /proc/self/mountinfo")
 
 
 def as_other_user(base: Path, ops: list[tuple[Any, ...]]) -> list[list[Any]]:
@@ -1358,10 +1380,88 @@ def compare(ops: list[tuple[Any, ...]], on_mount: list[list[Any]], on_ext4: list
     return [f"{op}: kmsfs {got} / ext4 {want}" for op, got, want in zip(ops, on_mount, on_ext4) if got != want]
 
 
+#: Root's table: the other user's, then execute checks, which root does not pass
+#: on a regular file without an execute bit, and the directories' modes.
+ROOT_OPS: list[tuple[Any, ...]] = [
+    *PERMISSION_OPS,
+    *[("access", rel) for rel in ("r600", "u444", "open/executable", "setid-w-suid", "private", "xonly", "sticky")],
+    *[("exec", rel) for rel in ("r644", "u600", "open/executable", "setid-t-sgid-x")],
+    ("chdir", "private"), ("chdir", "xonly"),
+    ("chmod", "r600", 0o000), ("access", "r600"), ("read", "r600"), ("write", "r600"),
+    ("chmod", "private", 0o000), ("chdir", "private"), ("listdir", "private"), ("access", "private"),
+]
+
+
+def test_root_on_its_own_mount_gets_ext4_s_answers_without_default_permissions(store, plain_dir):
+    """Root's mount for root alone leaves out default_permissions (it saves a GETATTR
+    per create); the kernel and kmsfs's access() must still answer as ext4 does."""
+    if os.geteuid() != 0:
+        pytest.skip("a mount without default_permissions is made only by root")
+    with open_mountpoint() as mountpoint:  # one that fsuid U below can reach
+        m = store.mount(mountpoint)
+        try:
+            _root_table_checks(store, m, plain_dir)
+        finally:
+            m.cleanup()
+
+
+def _root_table_checks(store: Store, m: Mount, plain_dir: Path) -> None:
+    assert "default_permissions" not in super_options(m.path)
+    assert os.stat(plain_dir).st_dev == os.stat(store.backing).st_dev, "not on the backing filesystem"
+    build_layout(m.path / "perm")
+    build_layout(plain_dir / "perm")
+    with no_hang(m, "root's permission table"):
+        on_mount = as_root(m.path / "perm", ROOT_OPS)
+    on_ext4 = as_root(plain_dir / "perm", ROOT_OPS)
+    assert len(on_mount) == len(ROOT_OPS)
+    assert not compare(ROOT_OPS, on_mount, on_ext4), "\n".join(compare(ROOT_OPS, on_mount, on_ext4))
+    results = dict(zip(map(tuple, ROOT_OPS), on_mount))
+    assert results[("access", "u444")] == ["ok", [True, True, False]]
+    assert results[("access", "open/executable")] == ["ok", [True, True, True]]
+    assert results[("exec", "r644")][0] == "EACCES"
+    assert results[("exec", "open/executable")][0] == "ENOEXEC"
+    assert results[("access", "private")] == ["ok", [True, True, True]]
+    # The control directory: searchable, its files readable or writable, none executable.
+    control = m.path / ".kmsfs"
+    assert [os.access(control, mode) for mode in (os.R_OK, os.W_OK, os.X_OK)] == [True, True, True]
+    assert [os.access(control / "status", mode) for mode in (os.R_OK, os.X_OK)] == [True, False]
+    # The one request that carries another file-system uid without FUSE keeping its
+    # process out: a root process's chdir(2) after setfsuid(2).  access(2) cannot:
+    # it checks with the real ids.
+    fsuid_chdir = textwrap.dedent(f"""
+        import ctypes, os, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.setfsuid({U}); libc.setfsgid({U})
+        results = []
+        for rel in ("private", "xonly", "ugid/subdir", "rootdir/new", "rootdir/other-group"):
+            try:
+                os.chdir(os.path.join(sys.argv[1], rel))
+                results.append("ok")
+            except OSError as exc:
+                results.append(exc.errno)
+        print(results)
+    """)
+    for base in (m.path, plain_dir):
+        os.chown(base / "perm" / "rootdir" / "new", U, U)  # U's, mode 0750: the owner class
+        os.mkdir(base / "perm" / "rootdir" / "other-group", 0o705)
+        os.chown(base / "perm" / "rootdir" / "other-group", 0, U)  # U's group may not, others may
+    chdirs = [subprocess.run([USER_PYTHON, "-c", fsuid_chdir, str(base / "perm")], capture_output=True, text=True,
+                             timeout=60, check=True).stdout for base in (m.path, plain_dir)]
+    eacces = errno.EACCES  # private 0000; xonly 0711; ugid/subdir 2700 of U's group; ...
+    assert chdirs[0] == chdirs[1] == f"[{eacces}, 'ok', {eacces}, 'ok', {eacces}]\n", chdirs
+    # A process whose ids are not all root's is kept out by FUSE itself.
+    denied = subprocess.run(["setpriv", "--regid=1", "--clear-groups", USER_PYTHON, "-c",
+                             f"import os; os.stat({str(m.path / 'perm' / 'r644')!r})"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert denied.returncode != 0 and "PermissionError" in denied.stderr, denied.stderr
+    assert_healthy(m, 0)
+
+
 def test_permissions_ownership_and_modes_match_ext4_for_another_user(env, plain_dir):
     require_other_uid()
     m = env.m
     assert "allow_other" in m.options
+    assert "default_permissions" in super_options(m.path)  # the kernel checks every access
     # The reference is the filesystem kmsfs passes through to (ext4 here).
     assert os.stat(plain_dir).st_dev == os.stat(env.store.backing).st_dev, "not on the backing filesystem"
     mark = log_mark(m)

@@ -24,7 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kmsfs.mount import _mount_device, _option_value, _split_options, _unescape_mount_path, _whole_number_option
+from kmsfs.mount import (
+    _fuse_options, _mount_device, _option_value, _split_options, _unescape_mount_path, _whole_number_option,
+)
 from pagecache import resident_pages
 
 
@@ -36,6 +38,21 @@ def test_own_options_are_split_from_fuse_options():
     assert _option_value(own, "read_ahead_kb") == "512"
     assert _option_value(own, "spin_us") == "0"
     assert _option_value(own, "writeback_cache") is None
+
+
+@pytest.mark.parametrize("extra, as_root, kernel_checks", [
+    (set(), True, False),  # root's mount for root alone: root passes the checks anyway
+    ({"ro"}, True, False),
+    ({"allow_other"}, True, True),
+    ({"allow_root"}, True, True),
+    ({"default_permissions"}, True, True),  # asked for
+    (set(), False, True),  # a user's mount: see _kernel_checks_permissions
+    ({"allow_other"}, False, True),
+])
+def test_default_permissions_is_left_out_only_for_root_alone(tmp_path, extra, as_root, kernel_checks):
+    options = _fuse_options(tmp_path, extra, as_root)
+    assert ("default_permissions" in options) == kernel_checks
+    assert extra <= options and f"fsname=kmsfs:{tmp_path.resolve()}" in options
 
 
 @pytest.mark.parametrize("name, default, maximum", [
