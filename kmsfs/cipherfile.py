@@ -63,6 +63,14 @@ def _bulk_crypto(fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
 
 
+def _first_hole(fd: int) -> int:
+    """Where the backing file's first hole starts (its size if it has none); 0 if unknown."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE)
+    except OSError:
+        return 0  # _has_hole answers for each range then
+
+
 def _has_hole(fd: int, start: int, end: int) -> bool:
     """Whether the backing file has a hole in [start, end), by SEEK_HOLE.
 
@@ -91,7 +99,7 @@ def _scratch(size: int) -> memoryview:
 
 
 class CipherFile:
-    __slots__ = ("fd", "cipher", "bs", "cbs", "journal")
+    __slots__ = ("fd", "cipher", "bs", "cbs", "journal", "_dense_below")
 
     def __init__(self, fd: int, cipher: ContentCipher, journal: TruncationJournal | None = None) -> None:
         self.fd = fd
@@ -100,6 +108,10 @@ class CipherFile:
         self.cbs = cipher.ct_block_size
         #: Where truncates into a block keep their intent record; None: no crash protection.
         self.journal = journal
+        #: The backing file had no hole below this offset when last asked; None:
+        #: not asked yet.  A hint for speed, like every hole check here (see
+        #: _may_have_hole); nothing read depends on it.
+        self._dense_below: int | None = None
 
     # ------------------------------------------------------------------ sizes
 
@@ -133,8 +145,8 @@ class CipherFile:
         end = min(offset + length, size)
         first = offset // self.bs
         count = (end - 1) // self.bs - first + 1
-        if count >= HOLE_CHECK_MIN_BLOCKS and _has_hole(
-                self.fd, first * self.cbs, min((first + count) * self.cbs, ct_size)):
+        if count >= HOLE_CHECK_MIN_BLOCKS and self._may_have_hole(
+                first * self.cbs, min((first + count) * self.cbs, ct_size)):
             # Reading a hole sequentially lets the backing file's readahead
             # cache its zeros in large folios (2 MiB on ext4), which every
             # later small write into them must walk: see _read_to_merge.
@@ -146,6 +158,27 @@ class CipherFile:
             plain = self._read_span(first, count, ct_size, nowait)
         start = offset - first * self.bs
         return memoryview(plain)[start:start + end - offset]
+
+    def _may_have_hole(self, start: int, end: int) -> bool:
+        """Whether the backing file may have a hole in [start, end).
+
+        The first call asks where the file's first hole is (SEEK_HOLE from 0;
+        the file's end if it has none) and remembers it: a range below that
+        needs no system call later.  A file written in full, as fio lays out
+        its files, then costs one lseek per open instead of one per small
+        write.  Holes appear only at and beyond the end of a file as kmsfs
+        grows it (_extend), above that offset; a hole punched behind our back
+        makes this answer wrong, which costs readahead into it, never data.
+        """
+        if self._dense_below is None:
+            self._dense_below = _first_hole(self.fd)
+        if end <= self._dense_below:
+            return False
+        return _has_hole(self.fd, start, end)
+
+    def _holes_may_start_at(self, position: int) -> None:
+        if self._dense_below is not None and position < self._dense_below:
+            self._dense_below = position
 
     def _read_span(self, first: int, count: int, ct_size: int, nowait: bool) -> bytearray:
         if nowait:
@@ -208,7 +241,7 @@ class CipherFile:
         position = first * self.cbs
         end = position + count * self.cbs
         # At the end of the file readahead has nowhere to go; appends skip the check.
-        if end >= ct_size or not _has_hole(self.fd, position, end):
+        if end >= ct_size or not self._may_have_hole(position, end):
             return self._read_blocks(first, count)
         with self._without_readahead():
             return self._read_blocks(first, count)
@@ -236,27 +269,24 @@ class CipherFile:
         tail_partial = end < region_end
         if not head_partial and not tail_partial:
             ct = _bulk_crypto(self.cipher.encrypt, data, first)
-        elif first == last:
-            # One block, merged with what it held (read-modify-write).
-            block = bytearray(region_end - region_start)
-            old = self._read_to_merge(first, 1, ct_size)
-            block[:len(old)] = old
-            block[offset - region_start:end - region_start] = data
-            ct = self.cipher.encrypt(block, first)
+        elif first == last or (head_partial and tail_partial and last == first + 1):
+            # One block, or two neighbours that both keep some of what they held
+            # (every aligned 4 KiB write in format 2): read and decrypted in one
+            # go, the request copied over its range, encrypted in one go.
+            merged = self._read_to_merge(first, last - first + 1, ct_size)
+            if len(merged) < region_end - region_start:  # the write grows the block
+                merged.extend(bytes(region_end - region_start - len(merged)))
+            merged[offset - region_start:end - region_start] = data
+            ct = _bulk_crypto(self.cipher.encrypt, merged, first)
         else:
             # Only the partial first and last blocks are merged with their old
             # content; the blocks between come straight from the request.
             view = memoryview(data)
             parts: list[bytes | bytearray | memoryview] = []
             pos = 0  # where in ``data`` the next whole block starts
-            old_head = old_tail = None
-            if head_partial and tail_partial and last == first + 1:
-                # Two neighbours (every aligned 4 KiB write in format 2): one pread.
-                both = self._read_to_merge(first, 2, ct_size)
-                old_head, old_tail = both[:bs], both[bs:]
             if head_partial:
                 head = bytearray(bs)
-                old = self._read_to_merge(first, 1, ct_size) if old_head is None else old_head
+                old = self._read_to_merge(first, 1, ct_size)
                 head[:len(old)] = old
                 pos = bs - (offset - region_start)
                 head[offset - region_start:] = view[:pos]
@@ -264,7 +294,7 @@ class CipherFile:
             tail_start = last * bs - offset  # where the last block starts in ``data``
             if tail_partial:
                 tail = bytearray(region_end - last * bs)
-                old = self._read_to_merge(last, 1, ct_size) if old_tail is None else old_tail
+                old = self._read_to_merge(last, 1, ct_size)
                 tail[:len(old)] = old
                 tail[:end - last * bs] = view[tail_start:]
                 parts += [view[pos:tail_start], tail]
@@ -323,6 +353,8 @@ class CipherFile:
             if size == new_size:
                 return
         full, rest = divmod(new_size, bs)
+        # The only place kmsfs leaves holes (writes past the end come here too).
+        self._holes_may_start_at(ciphertext_size(size, bs))
         os.ftruncate(self.fd, full * self.cbs)
         if rest:
             self._pwrite_all(self.cipher.encrypt(bytes(rest), full), full * self.cbs)

@@ -320,6 +320,57 @@ def test_merges_in_data_and_at_the_end_keep_readahead(tmp_path, monkeypatch):
         os.close(fd)
 
 
+def _seek_hole_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = os.lseek
+
+    def record(fd: int, position: int, whence: int) -> int:
+        if whence == os.SEEK_HOLE:
+            calls.append(position)
+        return real(fd, position, whence)
+
+    monkeypatch.setattr(cipherfile.os, "lseek", record)
+    return calls
+
+
+def test_merges_in_a_file_without_holes_ask_for_holes_once(tmp_path, monkeypatch):
+    # fio's case: a file written in full, then small writes all over it.
+    fd, cf, data = _written_file(tmp_path, 64)
+    seeks = _seek_hole_calls(monkeypatch)
+    try:
+        expected = bytearray(data)
+        for page in (3, 40, 7, 12, 55, 1):
+            chunk = os.urandom(PAGE)
+            cf.write(page * PAGE, chunk)
+            expected[page * PAGE:(page + 1) * PAGE] = chunk
+        assert seeks == [0]  # where is the first hole: the end, so none below it
+        assert cf.read(0, len(expected)) == expected
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("shrink_first", [False, True])
+def test_holes_made_after_the_first_question_are_still_seen(tmp_path, monkeypatch, shrink_first):
+    # The answer covers the file as it was; a truncate (down, then up) or an
+    # extending write leaves holes that later merges must not read ahead into.
+    fd, cf, data = _written_file(tmp_path, 64)
+    try:
+        cf.write(5 * PAGE, os.urandom(PAGE))  # asks once: no hole below the end
+        if shrink_first:
+            cf.truncate(8 * PAGE)
+        cf.truncate(16 << 20)
+        os.fsync(fd)
+        calls = _fadvise_calls(monkeypatch)
+        at = (12 if shrink_first else 200) * PAGE  # inside the hole the truncate left
+        chunk = os.urandom(PAGE)
+        cf.write(at, chunk)
+        assert calls == [os.POSIX_FADV_RANDOM, os.POSIX_FADV_NORMAL]
+        assert cf.read(at, PAGE) == chunk
+        assert cf.read(at - 100, 100) == bytes(100)
+    finally:
+        os.close(fd)
+
+
 def test_a_failed_merge_read_in_a_hole_restores_readahead(tmp_path, monkeypatch):
     cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
