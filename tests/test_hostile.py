@@ -1392,7 +1392,7 @@ ROOT_OPS: list[tuple[Any, ...]] = [
 ]
 
 
-def test_root_on_its_own_mount_gets_ext4_s_answers_without_default_permissions(store, plain_dir):
+def test_root_alone_mount_answers_as_ext4_without_default_permissions(store, plain_dir):
     """Root's mount for root alone leaves out default_permissions (it saves a GETATTR
     per create); the kernel and kmsfs's access() must still answer as ext4 does."""
     if os.geteuid() != 0:
@@ -1447,7 +1447,9 @@ def _root_table_checks(store: Store, m: Mount, plain_dir: Path) -> None:
         os.chown(base / "perm" / "rootdir" / "other-group", 0, U)  # U's group may not, others may
     chdirs = [subprocess.run([USER_PYTHON, "-c", fsuid_chdir, str(base / "perm")], capture_output=True, text=True,
                              timeout=60, check=True).stdout for base in (m.path, plain_dir)]
-    eacces = errno.EACCES  # private 0000; xonly 0711; ugid/subdir 2700 of U's group; ...
+    # private is 0000, xonly 0711, ugid/subdir 2700 in U's group, rootdir/new U's own
+    # 0750, rootdir/other-group 0705 in U's group: the group's bits, not the others'.
+    eacces = errno.EACCES
     assert chdirs[0] == chdirs[1] == f"[{eacces}, 'ok', {eacces}, 'ok', {eacces}]\n", chdirs
     # A process whose ids are not all root's is kept out by FUSE itself.
     denied = subprocess.run(["setpriv", "--regid=1", "--clear-groups", USER_PYTHON, "-c",
