@@ -94,7 +94,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.set_inheritable(ready_fd, False)
         status = serve(backing, mountpoint, args.options, args.pkcs11, ready_fd)
         if status != 0 and ready_fd is None:
-            print("kmsfs mount: refused; see the log above", file=sys.stderr)
+            where = f"the log in {args.log_file}" if args.log_file else "the log above"
+            print(f"kmsfs mount: failed; see {where}", file=sys.stderr)
         return status
     return _mount_in_background(args, backing, mountpoint)
 

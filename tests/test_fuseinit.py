@@ -1,6 +1,7 @@
 """kmsfs/fuseinit.py's lookups, each of which must say "not here" rather than guess.
 
-That INIT is answered with the flags, and what the file system then owes the
+A libfuse that answers INIT with nothing, or fails, is tried on real mounts
+at the end.  That INIT is answered with the flags, and what the file system then owes the
 kernel, is checked on real mounts: tests/test_perf_paths.py (the flags, and
 -o libfuse_init) and tests/test_hostile.py (set-id bits on write, truncate
 and open with O_TRUNC, against ext4).
@@ -13,9 +14,13 @@ import errno
 import logging
 import os
 import struct
+import subprocess
+import sys
 
 import pyfuse3
+import pytest
 
+from conftest import is_mounted
 from kmsfs import fuseinit
 
 
@@ -85,3 +90,68 @@ def test_init_reply_flags_sit_where_the_protocol_puts_them():
     assert struct.unpack_from("<I", reply, fuseinit._INIT_OUT_FLAGS)[0] == 0x4040B039
     negotiated = fuseinit.Negotiated((0x4040B039 | fuseinit.FUSE_HANDLE_KILLPRIV_V2) & ~fuseinit.FUSE_AUTO_INVAL_DATA)
     assert negotiated.handle_killpriv_v2 and not negotiated.auto_inval_data
+
+
+# ====================================================================== a libfuse that misbehaves, on a real mount
+
+#: Runs ``kmsfs mount -f`` with libfuse's fuse_session_process_buf replaced, for
+#: INIT only (answer_init is its one caller through ctypes), by MODE:
+#: "silent" (libfuse writes no reply) or "raises" (the call fails).
+MISBEHAVING_LIBFUSE = """
+import ctypes, sys
+from kmsfs.cli import main
+
+mode = sys.argv[1]
+real_pydll = ctypes.PyDLL
+
+def process_buf(se, buf):
+    if mode == "raises":
+        raise RuntimeError("libfuse broke down")
+
+class Libfuse:
+    def __init__(self, name):
+        self.real = real_pydll(name)
+        self.fuse_session_process_buf = process_buf  # a function: takes argtypes, as ctypes' does
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+ctypes.PyDLL = Libfuse
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("mode, cause", [
+    ("silent", "libfuse gave no INIT reply"),
+    ("raises", "libfuse broke down"),
+])
+def test_a_failed_init_ends_the_mount_with_a_clear_message(store, mode, cause):
+    """Where INIT cannot be answered, the kernel is not left waiting, the daemon
+    says why and exits with status 1, and nothing stays mounted."""
+    mountpoint = store.root / f"mnt-{mode}"
+    mountpoint.mkdir()
+    log_file = store.root / f"{mode}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MISBEHAVING_LIBFUSE, mode, "mount", "-f", "--log-file", str(log_file),
+         str(store.backing), str(mountpoint)],
+        env=store.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    log = log_file.read_text()
+    assert proc.returncode == 1, log
+    assert not is_mounted(mountpoint)
+    assert f"FUSE INIT on {mountpoint} failed: " in log and cause in log
+    assert err.decode() == f"kmsfs mount: failed; see the log in {log_file}\n"
+    if mode == "silent":
+        assert "refusing the connection" in log
+    # The store is untouched: a normal mount serves it.
+    mount = store.mount()
+    (mount.path / "after").write_bytes(b"fine")
+    assert (mount.path / "after").read_bytes() == b"fine"
