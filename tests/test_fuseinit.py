@@ -1,10 +1,10 @@
 """kmsfs/fuseinit.py's lookups, each of which must say "not here" rather than guess.
 
 A libfuse that answers INIT with nothing, or fails, is tried on real mounts
-at the end.  That INIT is answered with the flags, and what the file system then owes the
-kernel, is checked on real mounts: tests/test_perf_paths.py (the flags, and
--o libfuse_init) and tests/test_hostile.py (set-id bits on write, truncate
-and open with O_TRUNC, against ext4).
+at the end.  That INIT is answered with the flags, and what the file system
+then owes the kernel, is checked on real mounts: tests/test_perf_paths.py
+(the flags, and -o libfuse_init) and tests/test_hostile.py (set-id bits on
+write, truncate and open with O_TRUNC, against ext4).
 """
 
 from __future__ import annotations
@@ -127,8 +127,9 @@ sys.exit(main(sys.argv[2:]))
     ("raises", "libfuse broke down"),
 ])
 def test_a_failed_init_ends_the_mount_with_a_clear_message(store, mode, cause):
-    """Where INIT cannot be answered, the kernel is not left waiting, the daemon
-    says why and exits with status 1, and nothing stays mounted."""
+    """Where INIT cannot be answered (the kernel gets EPROTO when libfuse said
+    nothing), the daemon says why in its log and on stderr, exits with status
+    1, and leaves nothing mounted; the store mounts normally afterwards."""
     mountpoint = store.root / f"mnt-{mode}"
     mountpoint.mkdir()
     log_file = store.root / f"{mode}.log"
