@@ -95,7 +95,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         status = serve(backing, mountpoint, args.options, args.pkcs11, ready_fd)
         if status != 0 and ready_fd is None:
             where = f"the log in {args.log_file}" if args.log_file else "the log above"
-            print(f"kmsfs mount: failed; see {where}", file=sys.stderr)
+            print(f"kmsfs mount: refused; see {where}", file=sys.stderr)
         return status
     return _mount_in_background(args, backing, mountpoint)
 

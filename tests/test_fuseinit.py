@@ -149,7 +149,7 @@ def test_a_failed_init_ends_the_mount_with_a_clear_message(store, mode, cause):
     assert proc.returncode == 1, log
     assert not is_mounted(mountpoint)
     assert f"FUSE INIT on {mountpoint} failed: " in log and cause in log
-    assert err.decode() == f"kmsfs mount: failed; see the log in {log_file}\n"
+    assert err.decode() == f"kmsfs mount: refused; see the log in {log_file}\n"
     if mode == "silent":
         assert "refusing the connection" in log
     # The store is untouched: a normal mount serves it.
