@@ -440,8 +440,8 @@ def serve(
     if ready_fd is not None:
         os.close(ready_fd)
     unmount = True
+    waiter = fuseloop.install(spin_interval=spin_us / 1e6)
     try:
-        fuseloop.install(spin_interval=spin_us / 1e6)
         log.info("request loop: polls %d us for the next request before sleeping", spin_us)
         trio.run(_main_loop, ops, resolved_mountpoint, read_ahead_kb)
     except Exception:
@@ -449,6 +449,10 @@ def serve(
         raise
     finally:
         fuseloop.uninstall()
+        # How often the poll caught the next request before the thread slept:
+        # what an operator needs to judge -o spin_us (docs/operations.md).
+        log.info("request loop: %d requests taken at once, %d while polling, %d after sleeping; %d turns yielded",
+                 waiter.fast - waiter.spun, waiter.spun, waiter.slow, waiter.yields)
         try:
             pyfuse3.close(unmount=unmount)
         except Exception:  # the kernel side may already be gone (fusermount3 -u)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,9 +81,17 @@ def test_mount_takes_spin_us_and_serves_either_way(store):
     assert (m.path / "f").read_bytes() == b"spun? no"
     assert "polls 0 us for the next request" in m.log()
     m.unmount()
+    # Without the spin, no request can have been caught by it.
+    counts = re.search(r"request loop: (\d+) requests taken at once, (\d+) while polling, (\d+) after sleeping",
+                       m.log())
+    assert counts is not None, m.log()
+    assert int(counts[2]) == 0 and int(counts[1]) + int(counts[3]) > 0
     m = store.mount()
     assert (m.path / "f").read_bytes() == b"spun? no"
     assert "polls 50 us for the next request" in m.log()
+    m.unmount()
+    assert re.search(r"request loop: \d+ requests taken at once, \d+ while polling, \d+ after sleeping; "
+                     r"\d+ turns yielded", m.log()), m.log()
 
 
 def _open_descriptors(mount) -> int:
