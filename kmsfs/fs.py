@@ -35,6 +35,7 @@ from pyfuse3 import FUSEError
 
 from . import fuseloop
 from .cipherfile import CipherFile, WouldBlock
+from .clientspin import ClientSpinner
 from .fuseinit import Negotiated
 from .truncation import TruncationJournal
 from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
@@ -340,6 +341,9 @@ class KmsfsOperations(pyfuse3.Operations):
         #: The helper process that warms the backing cache (see _prefetch_after);
         #: None: no prefetching.  Set and closed by the mount.
         self.prefetcher: Prefetcher | None = None
+        #: The helper that keeps a waiting client's CPU awake (kmsfs/clientspin.py);
+        #: None: none.  Set and closed by the mount.
+        self.client_spinner: ClientSpinner | None = None
 
     # ================================================================ inode table
 
@@ -1225,6 +1229,8 @@ class KmsfsOperations(pyfuse3.Operations):
         if isinstance(control, ControlHandle):
             return await self.control.read(control, off, size)
         handle = self._file_handle(fh)
+        if size <= INLINE_MAX and self.client_spinner is not None:
+            self.client_spinner.note_request()
         node = handle.inode
         open_file = node.open_file
         assert open_file is not None
@@ -1250,6 +1256,8 @@ class KmsfsOperations(pyfuse3.Operations):
         handle = self._file_handle(fh)
         if handle.flags & os.O_ACCMODE == os.O_RDONLY:
             raise FUSEError(errno.EBADF)
+        if len(buf) <= INLINE_MAX and self.client_spinner is not None:
+            self.client_spinner.note_request()
         node = handle.inode
         open_file = node.open_file
         assert open_file is not None

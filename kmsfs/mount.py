@@ -22,7 +22,7 @@ import trio
 
 from .dekcache import DekCache
 from .envelope import Envelope
-from . import fuseinit, fuseloop
+from . import clientspin, fuseinit, fuseloop
 from .fs import KmsfsOperations
 from .keyregistry import KeyRegistry, key_changes_settled
 from .keystore import HsmError, KeyStore
@@ -105,7 +105,7 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 #: Mount options that kmsfs itself takes (not passed to FUSE).
 KMSFS_OPTIONS = frozenset({"writeback_cache", "libfuse_init"})
 #: kmsfs's own options that take a value (``name=value``).
-KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "dek_cache", "dek_cache_seconds"})
+KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "client_spin_us", "dek_cache", "dek_cache_seconds"})
 
 #: The kernel's readahead window for the mount, in KiB, set at mount time when
 #: running as root (through /sys/class/bdi).  FUSE's default is 128 KiB, so a
@@ -121,6 +121,14 @@ READ_AHEAD_KB_MAX = 1 << 20
 #: it sleeps (kmsfs/fuseloop.py explains why); 0 turns the spin off.
 SPIN_US = round(fuseloop.SPIN_INTERVAL * 1e6)
 SPIN_US_MAX = 10_000
+
+#: ``-o client_spin_us=N``: how long after a client's last small request a
+#: helper process keeps that client's CPU awake (kmsfs/clientspin.py explains
+#: why); 0 turns the helper off.  Without the option it runs where exactly two
+#: CPUs are allowed (where the scheduler puts it on the client's); with it,
+#: wherever more than one is.
+CLIENT_SPIN_US = clientspin.IDLE_US
+CLIENT_SPIN_US_MAX = 1_000_000
 
 #: ``-o dek_cache=N``: how many unwrapped DEKs of files created or opened
 #: lately the daemon keeps, so that opening them again costs no HSM call
@@ -307,6 +315,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "hsm_calls": dict(keystore.calls),
                 "dek_cache": envelope.dek_cache.stats() if envelope.dek_cache is not None else None,
                 "prefetch": ops.prefetcher.stats() if ops.prefetcher is not None else None,
+                "client_spin": ops.client_spinner.stats() if ops.client_spinner is not None else None,
                 "write_requests": dict(ops.write_requests),
                 "fuse_init": None if ops.init_flags is None else {
                     "flags": hex(ops.init_flags.flags),
@@ -391,6 +400,7 @@ def serve(
     fuse_options, own_options = _split_options(options)
     read_ahead_kb = _whole_number_option(own_options, "read_ahead_kb", READ_AHEAD_KB, READ_AHEAD_KB_MAX)
     spin_us = _whole_number_option(own_options, "spin_us", SPIN_US, SPIN_US_MAX)
+    client_spin_us = _whole_number_option(own_options, "client_spin_us", CLIENT_SPIN_US, CLIENT_SPIN_US_MAX)
     dek_cache = _whole_number_option(own_options, "dek_cache", DEK_CACHE, DEK_CACHE_MAX)
     dek_cache_seconds = _whole_number_option(own_options, "dek_cache_seconds", DEK_CACHE_SECONDS,
                                              DEK_CACHE_SECONDS_MAX)
@@ -405,10 +415,12 @@ def serve(
     # Started before the mount, so that it cannot inherit /dev/fuse: a helper
     # holding it would keep the mount alive after the daemon's death.
     ops.prefetcher = _start_prefetcher()
+    asked_for_client_spin = _option_value(own_options, "client_spin_us") is not None
+    ops.client_spinner = _start_client_spinner(client_spin_us, asked_for_client_spin)
     try:
         pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, fuse_options, os.geteuid() == 0))
     except RuntimeError as exc:
-        _close_prefetcher(ops)
+        _close_helpers(ops)
         keystore.close()
         message = f"FUSE mount of {mountpoint} failed: {exc}"
         if not os.path.exists("/dev/fuse"):
@@ -422,7 +434,7 @@ def serve(
         try:
             ops.init_flags = fuseinit.answer_init()
         except Exception as exc:
-            _close_prefetcher(ops)
+            _close_helpers(ops)
             keystore.close()
             pyfuse3.close(unmount=True)
             message = f"FUSE INIT on {mountpoint} failed: {exc}"
@@ -457,7 +469,7 @@ def serve(
             pyfuse3.close(unmount=unmount)
         except Exception:  # the kernel side may already be gone (fusermount3 -u)
             log.debug("pyfuse3.close", exc_info=True)
-        _close_prefetcher(ops)
+        _close_helpers(ops)
         keystore.close()
         pidfile.unlink(missing_ok=True)
         log.info("unmounted %s", mountpoint)
@@ -474,10 +486,39 @@ def _start_prefetcher() -> Prefetcher | None:
     return prefetcher
 
 
-def _close_prefetcher(ops: KmsfsOperations) -> None:
+def _start_client_spinner(idle_us: int, asked: bool) -> clientspin.ClientSpinner | None:
+    """The helper of kmsfs/clientspin.py, where it can help; ``asked``: -o client_spin_us was given."""
+    if idle_us == 0:
+        log.info("client spin off (-o client_spin_us=0): waiting clients' CPUs may halt between requests")
+        return None
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        log.info("client spin off: only one CPU is allowed, and the client and the daemon share it")
+        return None
+    if cpus > 2 and not asked:
+        log.info("client spin off: with %d CPUs it may not spin on the client's; -o client_spin_us=%d turns it on",
+                 cpus, idle_us)
+        return None
+    try:
+        spinner = clientspin.ClientSpinner.start(idle_us)
+    except OSError as exc:  # the mount works without it, only with slower wake-ups
+        log.warning("could not start the client spin helper (%s); waiting clients' CPUs may halt", exc)
+        return None
+    log.info("client spin helper: pid %d, spins up to %d us after a client's last small request",
+             spinner.pid, idle_us)
+    return spinner
+
+
+def _close_helpers(ops: KmsfsOperations) -> None:
     if ops.prefetcher is not None:
         ops.prefetcher.close()
         ops.prefetcher = None
+    if ops.client_spinner is not None:
+        spun = ops.client_spinner.cpu_seconds()
+        log.info("client spin helper: woken %d times, %s of CPU time spent keeping clients' CPUs awake",
+                 ops.client_spinner.wakeups, "unknown" if spun is None else f"{spun:.2f} s")
+        ops.client_spinner.close()
+        ops.client_spinner = None
 
 
 #: How often a mounted store checks for due rotations and expired deletion windows.

@@ -199,7 +199,7 @@ def key_state(m: Mount) -> dict[str, Any]:
                        "grants": read_ctl(kpath(m, alias, "grants"))}
     keys["victim"]["rewrap"] = json.loads(kpath(m, "victim", "rewrap").read_bytes())
     status = json.loads((ctl(m) / "status").read_bytes())
-    for volatile in ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch"):  # counters, not state
+    for volatile in ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch", "client_spin"):  # counters, not state
         status.pop(volatile, None)
     return {"keys": keys, "default": read_ctl(ctl(m) / "default-key"), "status": status}
 

@@ -88,7 +88,7 @@ def snapshot(m: Mount) -> dict[str, Any]:
                        for leaf in ("info", "state", "description", "rotation", "deletion", "grants")}
     return {"keys": keys, "default": read_ctl(ctl(m) / "default-key"),
             "status": {k: v for k, v in json.loads((ctl(m) / "status").read_bytes()).items()
-                       if k not in ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch")}}  # counters, not state
+                       if k not in ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch", "client_spin")}}  # counters, not state
 
 
 def check_refused(env: Env, action: Callable[[], int | None], code: int, word: str | None = "",

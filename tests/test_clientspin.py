@@ -1,0 +1,277 @@
+"""The helper that keeps a waiting client's CPU awake (kmsfs/clientspin.py).
+
+What must hold: it runs at SCHED_IDLE and nothing else (so it can only take
+time a CPU would spend halted), it spins while small requests come and sleeps
+when they stop, the daemon wakes it, it ends when the daemon closes its pipe
+or dies, and a mount with or without it serves the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kmsfs import clientspin
+from kmsfs.clientspin import ClientSpinner
+
+
+def _state(pid: int) -> str:
+    """R (running), S (sleeping), Z, ... from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        data = fh.read()
+    return data[data.rindex(")") + 2]
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+def _sleeping_flag(spinner: ClientSpinner) -> int:
+    return spinner._shared[clientspin._SLEEPING_OFFSET]
+
+
+@pytest.fixture
+def spinner():
+    spinner = ClientSpinner.start(idle_us=2000)
+    yield spinner
+    if not spinner._ended:
+        spinner.close()
+    elif spinner._process.poll() is None:
+        spinner._process.kill()
+        spinner._process.wait()
+
+
+def test_the_helper_runs_at_idle_priority_and_sleeps_while_no_request_comes(spinner):
+    # Its first act, before it maps the shared page (it starts at normal priority).
+    assert _wait_for(lambda: os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE)
+    # No request yet: after its idle window it says so and blocks on its pipe.
+    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert _wait_for(lambda: _state(spinner.pid) == "S")
+    ticks = _cpu_ticks(spinner.pid)
+    time.sleep(0.3)
+    assert _cpu_ticks(spinner.pid) - ticks <= 1  # asleep, not spinning
+    assert spinner.cpu_seconds() is not None and spinner.cpu_seconds() < 5
+
+
+def test_a_request_wakes_the_helper_and_it_spins_while_requests_come(spinner):
+    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    spinner.note_request()
+    assert spinner.wakeups == 1
+    assert _sleeping_flag(spinner) == 0  # cleared by the daemon before the wake-up byte
+    # A request every 0.1 ms for 0.3 s (the test busy-waits between them, as a
+    # daemon serving requests would be busy): the helper spins, using CPU time
+    # wherever this test leaves some, and is hardly ever woken again.
+    ticks = _cpu_ticks(spinner.pid)
+    start = time.monotonic()
+    while (now := time.monotonic()) < start + 0.3:
+        spinner.note_request()
+        while time.monotonic() < now + 0.0001:
+            pass
+    if len(os.sched_getaffinity(0)) > 1:
+        assert _cpu_ticks(spinner.pid) - ticks >= 5  # at least 50 ms of CPU time in 300 ms
+    # Only a pause of over 2 ms, when this test itself was preempted, lets it sleep.
+    assert spinner.wakeups <= 3
+    # Then quiet: it goes back to sleep within its idle window.
+    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert _wait_for(lambda: _state(spinner.pid) == "S")
+
+
+def test_close_ends_the_helper_also_while_it_spins(spinner):
+    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    spinner.note_request()
+    assert _wait_for(lambda: _sleeping_flag(spinner) == 0 and _state(spinner.pid) == "R")
+    spinner.close()
+    assert spinner._process.returncode == 0
+
+
+def test_the_helper_ignores_ctrl_c_and_ends_when_the_daemon_dies(spinner):
+    assert _wait_for(lambda: os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE)  # set up: signals ignored
+    os.kill(spinner.pid, signal.SIGINT)
+    os.kill(spinner.pid, signal.SIGHUP)
+    time.sleep(0.1)
+    assert spinner._process.poll() is None
+    # What the kernel does when the daemon dies: its end of the pipe closes.
+    os.close(spinner._wake_fd)
+    spinner._ended = True
+    assert spinner._process.wait(10) == 0
+
+
+def test_a_helper_that_died_is_reported_once_and_requests_go_on(spinner, caplog):
+    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    spinner._process.kill()
+    spinner._process.wait()
+    with caplog.at_level(logging.WARNING, logger="kmsfs.clientspin"):
+        for _ in range(5):
+            spinner.note_request()  # no exception: the request is served anyway
+    assert caplog.text.count("the client spin helper") == 1 and "has ended" in caplog.text
+    spinner.close()
+
+
+def test_a_helper_that_will_not_end_is_killed_at_close(monkeypatch, caplog, spinner):
+    monkeypatch.setattr(clientspin, "EXIT_TIMEOUT", 0.5)
+    os.kill(spinner.pid, signal.SIGSTOP)  # stopped: it never reads the end of file
+    with caplog.at_level(logging.WARNING, logger="kmsfs.clientspin"):
+        spinner.close()
+    assert spinner._process.returncode == -signal.SIGKILL
+    assert "did not end within" in caplog.text and "killing it" in caplog.text
+
+
+def test_a_helper_without_idle_priority_does_not_spin_at_all(tmp_path):
+    # In the helper's own process: SCHED_IDLE refused (a seccomp filter, say).
+    code = (
+        "import os, sys\n"
+        "def refuse(*args): raise PermissionError(1, 'Operation not permitted')\n"
+        "os.sched_setscheduler = refuse\n"
+        "from kmsfs import clientspin\n"
+        "sys.argv = ['clientspin', '99', '2000']\n"
+        "clientspin.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == clientspin.EXIT_NO_IDLE_PRIORITY
+    assert "cannot take SCHED_IDLE priority" in out.stderr and "not spinning" in out.stderr
+
+
+def test_the_daemon_reports_a_helper_that_could_not_spin(monkeypatch, caplog):
+    real_popen = subprocess.Popen
+
+    def without_idle_priority(argv, **kwargs):
+        code = f"import sys; sys.exit({clientspin.EXIT_NO_IDLE_PRIORITY})"
+        return real_popen([sys.executable, "-c", code], **kwargs)
+
+    monkeypatch.setattr(clientspin.subprocess, "Popen", without_idle_priority)
+    spinner = ClientSpinner.start()
+    spinner._process.wait(10)
+    with caplog.at_level(logging.WARNING, logger="kmsfs.clientspin"):
+        spinner.note_request()  # its sleeping flag was never set: nothing to wake
+        spinner.close()
+    assert "could not take SCHED_IDLE priority and did not spin" in caplog.text
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_helper_that_cannot_be_started_leaves_no_descriptor_open(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "python")
+
+    monkeypatch.setattr(clientspin.subprocess, "Popen", refuse)
+    before = _open_fds()
+    with pytest.raises(FileNotFoundError):
+        ClientSpinner.start()
+    assert _open_fds() == before
+
+
+@pytest.mark.parametrize("cpus, asked, idle_us, started, message", [
+    ({0, 1}, False, 2000, True, "client spin helper: pid"),
+    ({0, 1}, True, 500, True, "spins up to 500 us"),
+    ({0, 1}, True, 0, False, "client spin off (-o client_spin_us=0)"),
+    ({0}, True, 2000, False, "only one CPU is allowed"),
+    ({0, 1, 2, 3}, False, 2000, False, "with 4 CPUs it may not spin on the client's"),
+    ({0, 1, 2, 3}, True, 2000, True, "client spin helper: pid"),
+])
+def test_the_mount_starts_the_helper_where_it_can_help(monkeypatch, caplog, cpus, asked, idle_us, started, message):
+    from kmsfs import mount
+
+    monkeypatch.setattr(mount.os, "sched_getaffinity", lambda pid: cpus)
+    with caplog.at_level(logging.INFO, logger="kmsfs.mount"):
+        spinner = mount._start_client_spinner(idle_us, asked)
+    try:
+        assert (spinner is not None) == started
+        assert message in caplog.text
+    finally:
+        if spinner is not None:
+            spinner.close()
+
+
+def test_a_mount_goes_on_without_a_helper_it_cannot_start(monkeypatch, caplog):
+    from kmsfs import mount
+
+    def refuse(idle_us: int) -> ClientSpinner:
+        raise PermissionError(13, "Permission denied", "python")
+
+    monkeypatch.setattr(mount.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(mount.clientspin.ClientSpinner, "start", staticmethod(refuse))
+    with caplog.at_level(logging.WARNING, logger="kmsfs.mount"):
+        assert mount._start_client_spinner(2000, False) is None
+    assert "could not start the client spin helper" in caplog.text
+
+
+def _helper_pid(log: str) -> int | None:
+    found = re.search(r"client spin helper: pid (\d+)", log)
+    return int(found[1]) if found else None
+
+
+def test_a_mount_with_the_helper_serves_small_io_and_ends_it_at_unmount(store):
+    m = store.mount(None, "client_spin_us=1000")
+    pid = _helper_pid(m.log())
+    if len(os.sched_getaffinity(0)) < 2:
+        assert pid is None and "only one CPU is allowed" in m.log()
+    else:
+        assert pid is not None, m.log()
+        assert _wait_for(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE)
+    # Small writes and reads at scattered offsets, checked against a model.
+    model = bytearray(256 * 1024)
+    path = m.path / "small-io"
+    with open(path, "wb+", buffering=0) as fh:
+        fh.write(model)
+        for i in range(2000):
+            off = (i * 7919 * 4096 + i * 13) % (len(model) - 4096)
+            piece = os.urandom(1 + i % 4096)
+            fh.seek(off)
+            fh.write(piece)
+            model[off:off + len(piece)] = piece
+            fh.seek((off * 3) % (len(model) - 4096))
+            assert fh.read(4096) == model[(off * 3) % (len(model) - 4096):][:4096]
+    assert path.read_bytes() == model
+    status = json.loads((m.path / ".kmsfs" / "status").read_bytes())["client_spin"]
+    assert status == (None if pid is None else {"helper_pid": pid, "wakeups": status["wakeups"]})
+    m.unmount()
+    if pid is not None:
+        woken = re.search(r"client spin helper: woken (\d+) times, [\d.]+ s of CPU time", m.log())
+        assert woken is not None, m.log()
+        assert int(woken[1]) >= 1  # asleep while the mount was idle, woken by the small requests
+        assert not os.path.exists(f"/proc/{pid}"), "the helper outlived its daemon"
+    # Without it, the same bytes.
+    m = store.mount(None, "client_spin_us=0")
+    assert "client spin off (-o client_spin_us=0)" in m.log()
+    assert (m.path / "small-io").read_bytes() == model
+    m.unmount()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return _state(pid) == "Z"  # ended, not yet reaped by its new parent
+    except OSError:
+        return True
+
+
+def test_the_helper_ends_when_its_daemon_is_killed(store):
+    m = store.mount(None, "client_spin_us=1000")
+    pid = _helper_pid(m.log())
+    if pid is None:  # nothing to end: see the test above
+        assert len(os.sched_getaffinity(0)) < 2, m.log()
+        m.unmount()
+        return
+    (m.path / "f").write_bytes(b"x" * 10000)  # small writes: it spins
+    m.kill9()
+    assert _wait_for(lambda: _gone(pid), 10), "the helper outlived its killed daemon"
