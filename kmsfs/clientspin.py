@@ -53,7 +53,8 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from .helperprocess import start_helper, wait_for_helper
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +91,19 @@ class ClientSpinner:
         """Start the helper process.  Raises OSError if it cannot be started."""
         memfd = os.memfd_create("kmsfs-client-spin", os.MFD_CLOEXEC)
         read_end = write_end = -1
+        shared: mmap.mmap | None = None
         try:
             os.ftruncate(memfd, _SHARED_SIZE)
             shared = mmap.mmap(memfd, _SHARED_SIZE)
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(write_end, False)
-            env = dict(os.environ)
-            # The helper imports kmsfs from where this daemon did, installed or not.
-            package_root = str(Path(__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-            process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "kmsfs.clientspin", str(memfd), str(idle_us)],
-                stdin=read_end, stdout=subprocess.DEVNULL, pass_fds=(memfd,),
-                # A session of its own: no signal sent to the daemon's terminal reaches it.
-                close_fds=True, start_new_session=True, cwd="/", env=env,
-            )
+            process = start_helper("kmsfs.clientspin", [str(memfd), str(idle_us)], stdin=read_end,
+                                   pass_fds=(memfd,))
         except BaseException:
             if write_end >= 0:
                 os.close(write_end)
+            if shared is not None:
+                shared.close()
             raise
         finally:
             os.close(memfd)
@@ -161,13 +157,7 @@ class ClientSpinner:
         """Tell the helper to end (end of file on its pipe), and wait for it."""
         self._ended = True
         os.close(self._wake_fd)
-        try:
-            status = self._process.wait(EXIT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.warning("the client spin helper (pid %d) did not end within %.0f s; killing it",
-                        self._process.pid, EXIT_TIMEOUT)
-            self._process.kill()
-            status = self._process.wait()
+        status = wait_for_helper(self._process, "client spin helper", EXIT_TIMEOUT)
         self._shared.close()
         if status == EXIT_NO_IDLE_PRIORITY:
             log.warning("the client spin helper could not take SCHED_IDLE priority and did not spin")

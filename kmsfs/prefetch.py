@@ -44,9 +44,9 @@ import socket
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 from .format import HEADER_XATTR
+from .helperprocess import start_helper, wait_for_helper
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,7 @@ class Prefetcher:
         """Start the helper process.  Raises OSError if it cannot be started."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            env = dict(os.environ)
-            # The helper imports kmsfs from where this daemon did, installed or not.
-            package_root = str(Path(__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-            process = subprocess.Popen(
-                # -P: not the working directory on sys.path; cwd "/": pin no directory.
-                [sys.executable, "-P", "-m", "kmsfs.prefetch"], stdin=theirs, stdout=subprocess.DEVNULL,
-                # A session of its own: no signal sent to the daemon's terminal reaches it.
-                close_fds=True, start_new_session=True, cwd="/", env=env,
-            )
+            process = start_helper("kmsfs.prefetch", [], stdin=theirs)
         except BaseException:
             ours.close()
             raise
@@ -130,13 +121,7 @@ class Prefetcher:
         """Tell the helper to end (EOF), and wait for it."""
         self._ended = True
         self._sock.close()
-        try:
-            status = self._process.wait(EXIT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.warning("the prefetch helper (pid %d) did not end within %.0f s; killing it",
-                        self._process.pid, EXIT_TIMEOUT)
-            self._process.kill()
-            status = self._process.wait()
+        status = wait_for_helper(self._process, "prefetch helper", EXIT_TIMEOUT)
         if status != 0:
             log.warning("the prefetch helper (pid %d) ended with status %d", self._process.pid, status)
 
