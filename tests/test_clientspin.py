@@ -78,18 +78,19 @@ def test_a_request_wakes_the_helper_and_it_spins_while_requests_come(spinner):
     assert spinner.wakeups == 1
     assert _sleeping_flag(spinner) == 0  # cleared by the daemon before the wake-up byte
     # A request every 0.1 ms for 0.3 s (the test busy-waits between them, as a
-    # daemon serving requests would be busy): the helper spins, using CPU time
-    # wherever this test leaves some, and is hardly ever woken again.
-    ticks = _cpu_ticks(spinner.pid)
-    start = time.monotonic()
+    # daemon serving requests would be busy): the helper keeps spinning.  It
+    # may go to sleep only after a pause of over 2 ms, which happens here only
+    # if this test itself is preempted (a loaded machine): those are counted.
+    long_pauses = 0
+    start = previous = time.monotonic()
     while (now := time.monotonic()) < start + 0.3:
+        long_pauses += now - previous > 0.0015
+        previous = now
         spinner.note_request()
         while time.monotonic() < now + 0.0001:
             pass
-    if len(os.sched_getaffinity(0)) > 1:
-        assert _cpu_ticks(spinner.pid) - ticks >= 5  # at least 50 ms of CPU time in 300 ms
-    # Only a pause of over 2 ms, when this test itself was preempted, lets it sleep.
-    assert spinner.wakeups <= 3
+    # 3,000 requests; a helper that slept between them would be woken ~3,000 times.
+    assert spinner.wakeups <= 2 + long_pauses  # plus one lost race at the start (see spin())
     # Then quiet: it goes back to sleep within its idle window.
     assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
     assert _wait_for(lambda: _state(spinner.pid) == "S")
