@@ -22,8 +22,14 @@ log = logging.getLogger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def start_helper(module: str, args: list[str], stdin: Any, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """Run ``python -m module args`` with ``stdin``; raises OSError if it cannot start."""
+def start_helper(
+    module: str, args: list[str], stdin: Any, pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """Run ``python -m module args``; raises OSError if it cannot start.
+
+    ``stdin``: a descriptor, or an object with ``fileno()`` (a socket), for
+    the helper's standard input; the daemon ends the helper by closing its end.
+    """
     env = dict(os.environ)
     # The helper imports kmsfs from where this daemon did, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
