@@ -340,6 +340,10 @@ def test_control_directory_lists_its_files_and_readme_names_them(mounted):
         assert name in readme, name
     for word in ("Enabled", "Disabled", "PendingDelete", "PendingImport", "7-365", "7-30", "cancel", "1024"):
         assert word in readme, word
+    # The status fields it names are the status's own (a new one must be added to both).
+    status = json.loads((c / "status").read_bytes())
+    for field in ("hsm_calls", "dek_cache", "prefetch", "client_spin"):
+        assert field in readme and field in status, field
 
 
 def test_status_names_store_hsm_and_default_key_but_never_the_pin(mounted):
