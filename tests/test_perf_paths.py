@@ -57,8 +57,8 @@ def test_default_permissions_is_left_out_only_for_root_alone(tmp_path, extra, as
 
 
 @pytest.mark.parametrize("name, default, maximum", [
-    ("spin_us", 50, 10_000), ("client_spin_us", 2000, 1_000_000), ("read_ahead_kb", 1024, 1 << 20), ("dek_cache", 8192, 1 << 20),
-    ("dek_cache_seconds", 300, 86_400),
+    ("spin_us", 50, 10_000), ("client_spin_us", 2000, 1_000_000), ("read_ahead_kb", 1024, 1 << 20),
+    ("dek_cache", 8192, 1 << 20), ("dek_cache_seconds", 300, 86_400),
 ])
 @pytest.mark.parametrize("value, good", [
     (None, True), ("0", True), ("200", True), ("MAX", True),
