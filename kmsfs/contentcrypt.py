@@ -8,6 +8,7 @@ costs here, so a run of blocks is encrypted into one preallocated buffer with
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Sequence
@@ -18,6 +19,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .format import BLOCK_OVERHEAD, FILE_ID_SIZE, NONCE_SIZE, TAG_SIZE
 
 _BLOCK_NUMBER = struct.Struct(">Q")
+
+
+@functools.lru_cache(maxsize=None)
+def _zero_block(ct_block_size: int) -> bytes:
+    """A ciphertext block of zeros (a hole), shared by every cipher of that geometry.
+
+    One per cipher would cost 4 KiB and a fill on every open.
+    """
+    return bytes(ct_block_size)
 
 
 class BlockAuthError(Exception):
@@ -41,7 +51,7 @@ class ContentCipher:
         self._file_id = file_id
         self.block_size = block_size
         self.ct_block_size = block_size + BLOCK_OVERHEAD
-        self._zero_block = bytes(self.ct_block_size)
+        self._zero_block = _zero_block(self.ct_block_size)
 
     @property
     def file_id(self) -> bytes:
