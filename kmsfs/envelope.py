@@ -38,9 +38,13 @@ class HeaderError(Exception):
 
 
 @functools.lru_cache(maxsize=1024)
-def _key_name(key_id: bytes) -> str:
+def key_name(key_id: bytes) -> str:
     """The registry's name of a CMK (its UUID as text) from a header's 16 bytes."""
     return str(uuid.UUID(bytes=key_id))
+
+
+#: What the DEK cache keeps for a header as stored: the header parsed, and the file's cipher.
+Opened = tuple[Header, ContentCipher]
 
 
 class Envelope:
@@ -51,8 +55,8 @@ class Envelope:
         self.block_size = block_size
         #: The store's format: new files get headers of this version.
         self.format_version = format_version
-        #: DEKs of headers unwrapped or made lately (the daemon's); None: every open asks the HSM.
-        self.dek_cache: DekCache | None = None
+        #: Headers unwrapped or made lately, opened (the daemon's); None: every open asks the HSM.
+        self.dek_cache: DekCache[Opened] | None = None
 
     def seal_new(self, key: KeyRecord, context: bytes) -> tuple[Header, ContentCipher]:
         """A header for a new file under ``key``'s newest version, and its cipher."""
@@ -65,9 +69,10 @@ class Envelope:
         nonce, wrapped = self.keystore.wrap_dek(key_uuid, key.CurrentVersion, dek, prefix)
         header = Header(self.block_size, file_id, key_uuid.bytes, key.CurrentVersion, context, nonce, wrapped,
                         version)
+        cipher = ContentCipher(dek, file_id, self.block_size)
         if self.dek_cache is not None:
-            self.dek_cache.put(header.to_bytes(), key_uuid.bytes, dek)
-        return header, ContentCipher(dek, file_id, self.block_size)
+            self.dek_cache.put(header.to_bytes(), key_uuid.bytes, (header, cipher))
+        return header, cipher
 
     def parse(self, raw: bytes) -> Header:
         try:
@@ -80,24 +85,40 @@ class Envelope:
 
     def _key_for_use(self, header: Header) -> KeyRecord:
         """``key_of`` for every open: keys.json as KeyRegistry.record_for_use sees it."""
-        record = self.registry.record_for_use(_key_name(header.key_id))
+        record = self.registry.record_for_use(key_name(header.key_id))
         return record if record is not None else self.key_of(header)  # key_of says why it is missing
 
-    def open(self, header: Header) -> ContentCipher:
+    def open_cached(self, raw: bytes) -> Opened | None:
+        """The header stored as ``raw``, parsed, and its cipher, if the DEK cache has them.
+
+        No parse and no HSM call; None on a miss: then parse ``raw`` and call
+        ``open`` with ``look_in_cache=False``.  The CMK must be Enabled, as
+        for ``open`` (KeyUnusable or KeyNotFound otherwise).
+        """
+        cache = self.dek_cache
+        if cache is None:
+            return None
+        opened = cache.get(raw)
+        if opened is not None:
+            self._require_enabled(self._key_for_use(opened[0]))
+        return opened
+
+    def open(self, header: Header, *, look_in_cache: bool = True) -> ContentCipher:
         """Unwrap the header's DEK in the HSM (one HSM call), unless the DEK cache has it.
 
         The CMK must be Enabled either way: the cache saves the HSM call only.
+        ``look_in_cache``: False when ``open_cached`` has just missed.
         """
         self._require_enabled(self._key_for_use(header))
         cache = self.dek_cache
         if cache is None:
             return ContentCipher(self._unwrap(header), header.file_id, header.block_size)
         raw = header.to_bytes()
-        dek = cache.get(raw)
-        if dek is None:
-            dek = self._unwrap(header)
-            cache.put(raw, header.key_id, dek)
-        return ContentCipher(dek, header.file_id, header.block_size)
+        opened = cache.get(raw) if look_in_cache else None
+        if opened is None:
+            opened = (header, ContentCipher(self._unwrap(header), header.file_id, header.block_size))
+            cache.put(raw, header.key_id, opened)
+        return opened[1]
 
     def rewrap(self, header: Header, key: KeyRecord) -> Header:
         """The same DEK and file id under ``key``'s newest version (no content change)."""

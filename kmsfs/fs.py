@@ -40,7 +40,7 @@ from .fuseinit import Negotiated
 from .truncation import TruncationJournal
 from .controldir import CONTROL_BASE, CONTROL_NAME, ControlDir, ControlHandle
 from .contentcrypt import BlockAuthError, ContentCipher
-from .envelope import Envelope, HeaderError, KeyUnusable
+from .envelope import Envelope, HeaderError, KeyUnusable, key_name
 from .format import (
     HEADER_XATTR, FormatError, Header, canonical_context, disk_block_size, parse_context, plaintext_size_lenient,
 )
@@ -225,19 +225,12 @@ class OpenFile:
     header: Header | None  # None: an empty file that has no header yet
     cipher_file: CipherFile | None
     handles: int = 0
-    _key_id_for: Header | None = None
-    _key_id: str | None = None
 
     @property
     def key_id(self) -> str | None:
-        # Asked on every read and write: format the UUID once per header.
         header = self.header
-        if header is None:
-            return None
-        if self._key_id_for is not header:
-            self._key_id_for = header
-            self._key_id = str(uuid.UUID(bytes=header.key_id))
-        return self._key_id
+        # Asked on every open, read and write: key_name keeps the few UUIDs' text.
+        return None if header is None else key_name(header.key_id)
 
 
 @dataclass(eq=False)
@@ -1173,20 +1166,33 @@ class KmsfsOperations(pyfuse3.Operations):
                 f"non-empty file; was the store copied without xattrs?"
             ) from None
         try:
-            header = self.envelope.parse(raw)
-        except HeaderError as exc:
-            raise HeaderError(f"{self._path_for_log(node)}: bad header: {exc}") from None
+            # A header this mount made or opened lately comes parsed, with its
+            # cipher, from the DEK cache; the CMK's state is checked either way.
+            opened = self.envelope.open_cached(raw)
+        except (KeyNotFound, KeyUnusable) as exc:
+            raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
+        if opened is not None:
+            header, cipher = opened
+            self._require_store_geometry(node, header)
+        else:
+            try:
+                header = self.envelope.parse(raw)
+            except HeaderError as exc:
+                raise HeaderError(f"{self._path_for_log(node)}: bad header: {exc}") from None
+            self._require_store_geometry(node, header)
+            try:
+                cipher = await self._hsm(functools.partial(self.envelope.open, look_in_cache=False), header)
+            except (HsmError, KeyNotFound, KeyUnusable) as exc:
+                raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
+        return OpenFile(fd, header, CipherFile(fd, cipher, self.truncations))
+
+    def _require_store_geometry(self, node: Inode, header: Header) -> None:
         if header.block_size != self.block_size or header.version != self.envelope.format_version:
             raise HeaderError(
                 f"{self._path_for_log(node)}: header format {header.version} with block size "
                 f"{header.block_size} differs from the store's (format {self.envelope.format_version}, "
                 f"block size {self.block_size})"
             )
-        try:
-            cipher = await self._hsm(self.envelope.open, header)
-        except (HsmError, KeyNotFound, KeyUnusable) as exc:
-            raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
-        return OpenFile(fd, header, CipherFile(fd, cipher, self.truncations))
 
     async def _give_header(self, node: Inode, open_file: OpenFile) -> None:
         """A header for an empty file that has none (created behind our back)."""

@@ -21,7 +21,7 @@ from kmsfs.contentcrypt import ContentCipher
 from kmsfs.dekcache import DekCache
 from kmsfs.envelope import Envelope, KeyUnusable
 from kmsfs.format import Header, parse_header
-from kmsfs.keyregistry import DISABLED, ENABLED, REVALIDATE_SECONDS, KeyRegistry, new_key_record
+from kmsfs.keyregistry import DISABLED, ENABLED, REVALIDATE_SECONDS, KeyNotFound, KeyRegistry, new_key_record
 from kmsfs.keystore import HsmUnwrapFailed
 from kmsfs.store import store_dir
 
@@ -296,3 +296,66 @@ def test_rewrap_asks_the_hsm_and_the_new_header_opens(envelope):
     assert keystore.calls == {"encrypt": 2, "decrypt": 1}  # the old wrap is checked by the HSM
     _roundtrip(created, env.open(moved))
     assert keystore.calls["decrypt"] == 2
+
+
+# ---------------------------------------------------------------------- open_cached: the daemon's open of a stored header
+
+def test_open_cached_gives_the_parsed_header_and_cipher_without_a_parse_or_an_hsm_call(envelope):
+    env, keystore, registry, records = envelope
+    header, created = env.seal_new(records["one"], b'{"a":"b"}')
+    raw = header.to_bytes()
+    opened = env.open_cached(raw)
+    assert opened is not None
+    cached_header, cipher = opened
+    assert cached_header == parse_header(raw) and cipher is created  # the very cipher: no new key schedule
+    _roundtrip(created, cipher)
+    assert keystore.calls["decrypt"] == 0
+    assert env.dek_cache.stats()["hits"] == 1
+
+
+def test_open_cached_misses_once_and_open_after_it_unwraps_once(envelope):
+    """The daemon's miss path: open_cached, then open(look_in_cache=False); the
+    miss is counted once, and the next open_cached hits."""
+    env, keystore, registry, records = envelope
+    header, created = env.seal_new(records["one"], b"")
+    env.dek_cache = DekCache(100, 300)  # empty, as after a remount
+    raw = header.to_bytes()
+    assert env.open_cached(raw) is None
+    _roundtrip(created, env.open(parse_header(raw), look_in_cache=False))
+    assert keystore.calls["decrypt"] == 1
+    assert env.dek_cache.stats() == {"entries": 1, "hits": 0, "misses": 1}
+    again = env.open_cached(raw)
+    assert again is not None and keystore.calls["decrypt"] == 1
+    _roundtrip(created, again[1])
+
+
+def test_open_cached_refuses_a_disabled_or_deleted_key(envelope):
+    env, keystore, registry, records = envelope
+    one = records["one"]
+    header, _ = env.seal_new(one, b"")
+    raw = header.to_bytes()
+    _set_state(registry, one.KeyId, DISABLED)
+    with pytest.raises(KeyUnusable):
+        env.open_cached(raw)
+    _set_state(registry, one.KeyId, ENABLED)
+    assert env.open_cached(raw) is not None
+    registry.update(lambda reg: reg.keys.pop(one.KeyId))
+    with pytest.raises(KeyNotFound):
+        env.open_cached(raw)
+
+
+@pytest.mark.parametrize("position", [0, 4, 8, 20, 40, 60, -30, -1])
+def test_open_cached_misses_a_header_that_differs_in_any_byte(envelope, position):
+    env, keystore, registry, records = envelope
+    header, _ = env.seal_new(records["one"], b"")
+    raw = header.to_bytes()
+    assert env.open_cached(_flip(raw, position % len(raw))) is None
+    assert env.open_cached(raw[:-1]) is None and env.open_cached(raw + b"\0") is None
+    assert keystore.calls["decrypt"] == 0
+
+
+def test_open_cached_without_a_cache_always_misses(envelope):
+    env, keystore, registry, records = envelope
+    env.dek_cache = None
+    header, _ = env.seal_new(records["one"], b"")
+    assert env.open_cached(header.to_bytes()) is None
