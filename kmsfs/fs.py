@@ -157,23 +157,42 @@ class NodeLock:
 
     An uncontended acquire does not yield to the scheduler: ``async with
     trio.Lock()`` always does (a checkpoint), which costs about 9 us of CPU per
-    request here, more than many handlers' own work.  Contended acquires wait
-    in FIFO order, as trio.Lock's do.
+    request here, more than many handlers' own work.  Nor does it use
+    trio.Lock's acquire_nowait and release, which track the owning task for
+    error checks: in the daemon, with its caches cold between requests,
+    taking and releasing the lock that way was 8 to 10% of an open's time
+    (py-spy, cold ``tar cf``).  Every
+    inode the kernel has looked up has one of these, so the parking lot is
+    made on first contention only.  Contended acquires wait in FIFO order:
+    a release hands the lock to the first waiter.
     """
 
-    __slots__ = ("_lock", "_readers", "_drained", "_shared")
+    __slots__ = ("_held", "_waiters", "_readers", "_drained")
 
     def __init__(self) -> None:
-        self._lock = trio.Lock()
+        self._held = False
+        self._waiters: trio.lowlevel.ParkingLot | None = None
         self._readers = 0
         self._drained: trio.Event | None = None
-        self._shared = _SharedHold(self)
 
     async def _take(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        """The exclusive hold.  While anyone waits, the lock is held: see _give."""
+        if not self._held:
+            self._held = True
+            return
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = trio.lowlevel.ParkingLot()
+        # Cancelled while parked: the task leaves the lot and the lock is not
+        # ours.  Unparked: _give has made it ours, and nothing can cancel that.
+        await waiters.park()
+
+    def _give(self) -> None:
+        waiters = self._waiters
+        if waiters:
+            waiters.unpark()  # handed over: _held stays True
+        else:
+            self._held = False
 
     async def __aenter__(self) -> None:
         await self._take()
@@ -183,17 +202,17 @@ class NodeLock:
                     self._drained = trio.Event()
                 await self._drained.wait()
         except BaseException:
-            self._lock.release()
+            self._give()
             raise
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._lock.release()
+        self._give()
 
     def shared(self) -> "_SharedHold":
-        return self._shared
+        return _SharedHold(self)
 
     def locked(self) -> bool:
-        return self._lock.locked() or self._readers > 0
+        return self._held or self._readers > 0
 
 
 class _SharedHold:
@@ -204,10 +223,10 @@ class _SharedHold:
 
     async def __aenter__(self) -> None:
         lock = self._node_lock
-        # Through the exclusive lock, so that a waiting change goes first.
+        # Through the exclusive hold, so that a waiting change goes first.
         await lock._take()
         lock._readers += 1
-        lock._lock.release()
+        lock._give()
 
     async def __aexit__(self, *exc_info: object) -> None:
         lock = self._node_lock

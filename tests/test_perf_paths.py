@@ -676,3 +676,55 @@ def test_node_lock_shares_reads_and_excludes_changes_in_order():
         assert not lock.locked()
 
     trio.run(main)
+
+
+def test_node_lock_survives_waiters_that_are_cancelled():
+    """A change or a read cancelled while it waits (the kernel interrupted the
+    request) leaves the lock as it was: held by its holder, then handed to the
+    next waiter in order, then free."""
+    import trio
+    import trio.testing
+
+    from kmsfs.fs import NodeLock
+
+    events: list[str] = []
+
+    async def changer(lock: NodeLock, name: str, hold: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            async with lock:
+                events.append(f"{name} in")
+                await hold.wait()
+                events.append(f"{name} out")
+
+    async def reader(lock: NodeLock, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            async with lock.shared():
+                events.append(f"{name} in")
+
+    async def main() -> None:
+        lock = NodeLock()
+        holder_go, w2_go = trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(changer, lock, "holder", holder_go)
+            await trio.testing.wait_all_tasks_blocked()
+            w1 = await nursery.start(changer, lock, "w1", trio.Event())
+            r1 = await nursery.start(reader, lock, "r1")
+            await nursery.start(changer, lock, "w2", w2_go)
+            await trio.testing.wait_all_tasks_blocked()
+            w1.cancel()
+            r1.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["holder in"] and lock.locked()
+            holder_go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["holder in", "holder out", "w2 in"]
+            w2_go.set()
+        assert not lock.locked()
+        async with lock:  # and it can be taken again at once
+            assert lock.locked()
+        assert not lock.locked()
+
+    trio.run(main)
+
