@@ -206,6 +206,12 @@ class KeyRegistry:
         mount within REVALIDATE_SECONDS.  It saves a stat() of keys.json.
         """
         now = time.monotonic()
+        # Asked on every open, read and write: a fresh view is returned without
+        # the mutex.  _revalidate and update assign _cached before _checked, so
+        # a reader racing them gets the view they replace, at most a moment old.
+        cached = self._cached
+        if cached is not None and now - self._checked < REVALIDATE_SECONDS:
+            return cached
         with self._mutex:
             if self._cached is not None and now - self._checked < REVALIDATE_SECONDS:
                 return self._cached
