@@ -5,9 +5,20 @@ order readdir gave them, and cold, each open would wait for the disk twice:
 for the header xattr (a block of its own on ext4, as it does not fit in the
 inode) and for the first data blocks.  The daemon therefore sends the names
 of the next files of a listing to a helper process, which reads their
-headers and asks for their data (``posix_fadvise`` WILLNEED, which starts
-the reads without waiting), so that these waits overlap.  The page cache is
-shared, so the daemon's own reads then find the blocks there.
+headers, several at once (HEADER_READERS threads), and after each header
+asks for the file's data (``posix_fadvise`` WILLNEED, which starts the reads
+without waiting), so that these waits overlap.  The page cache is shared, so
+the daemon's own reads then find the blocks there.
+
+Headers first: asking for all the data first queued up to 256 KiB per file
+ahead of the small header reads that the next opens wait for.  In a cold
+``tar cf`` of the bench tree (2 rounds each), opens that waited more than
+50 us for their header: 634-706 of 4,828 with one header at a time and the
+data asked for first, 420-490 with this order and four readers; reads that
+waited as long for their data: 465-659 of 5,746, then 175-230 once the
+daemon also starts the data read of the first file it opens in a directory
+(which no helper was asked for).  Alternating rounds, 16 each: 1.36 s median before,
+1.23 s after (faster in 13 of 16).
 
 Why a process and not a thread of the daemon: a worker thread takes the GIL
 back after each of its system calls (about seven per file), and the request
@@ -44,6 +55,8 @@ import socket
 import stat
 import subprocess
 import sys
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 from .format import HEADER_XATTR
 from .helperprocess import start_helper, wait_for_helper
@@ -54,6 +67,8 @@ log = logging.getLogger(__name__)
 PREFETCH_BYTES = 256 * 1024
 #: Largest batch message: 64 names of at most 255 bytes, and their separators.
 MAX_MESSAGE = 64 * 1024
+#: Header reads the helper has in flight at once (see prefetch_files).
+HEADER_READERS = 4
 #: How long close() waits for the helper to finish its batch and exit.
 EXIT_TIMEOUT = 5.0
 
@@ -129,8 +144,32 @@ class Prefetcher:
 # ----------------------------------------------------------------------------- helper
 
 
-def prefetch_files(dir_fd: int, names: list[bytes]) -> None:
-    """Bring headers and first data of the regular files among ``names`` into the page cache."""
+def _warm(fd: int, size: int) -> None:
+    """Read ``fd``'s header, then start reading its data; close it."""
+    try:
+        try:
+            os.getxattr(fd, HEADER_XATTR)
+        except OSError:  # no header (yet), or no xattrs: nothing to warm
+            pass
+        os.posix_fadvise(fd, 0, min(size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prefetch_files(dir_fd: int, names: list[bytes], header_readers: Executor | None = None) -> None:
+    """Bring headers and first data of the regular files among ``names`` into the page cache.
+
+    The data reads are started without waiting (WILLNEED), file after file.
+    A header can only be read by waiting for it, so ``header_readers`` (a
+    thread pool) reads several at once: read one after another, a cold
+    header took about as long as the reader took per file, and the files
+    just after the first one opened in a directory were not warm in time
+    (20-30% of those opens waited for the disk, in a cold ``tar cf``).
+    Returns when every header read has ended.
+    """
+    pending: list[Future[None]] = []
     for name in names:
         try:
             path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -143,36 +182,34 @@ def prefetch_files(dir_fd: int, names: list[bytes]) -> None:
             # Reopened through the O_PATH descriptor: the same inode, never a
             # device or FIFO swapped in under the name meanwhile.
             fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fadvise(fd, 0, min(st.st_size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
-                try:
-                    os.getxattr(fd, HEADER_XATTR)
-                except OSError:  # no header (yet), or no xattrs: nothing to warm
-                    pass
-            finally:
-                os.close(fd)
         except OSError:
             continue
         finally:
             os.close(path_fd)
+        if header_readers is None:
+            _warm(fd, st.st_size)
+        else:
+            pending.append(header_readers.submit(_warm, fd, st.st_size))
+    futures_wait(pending)
 
 
 def serve(sock: socket.socket) -> None:
     """The helper's loop: one batch per message, until the daemon closes its end."""
-    while True:
-        try:
-            data, fds, flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 1)
-        except ConnectionResetError:
-            return
-        if not data and not fds:
-            return  # EOF: the daemon is done
-        try:
-            # Anything but one descriptor and a whole message is not from the daemon.
-            if len(fds) == 1 and not flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                prefetch_files(fds[0], data.split(_SEPARATOR))
-        finally:
-            for fd in fds:
-                os.close(fd)
+    with ThreadPoolExecutor(HEADER_READERS, thread_name_prefix="header-reader") as header_readers:
+        while True:
+            try:
+                data, fds, flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 1)
+            except ConnectionResetError:
+                return
+            if not data and not fds:
+                return  # EOF: the daemon is done
+            try:
+                # Anything but one descriptor and a whole message is not from the daemon.
+                if len(fds) == 1 and not flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                    prefetch_files(fds[0], data.split(_SEPARATOR), header_readers)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
 
 def main() -> None:

@@ -728,3 +728,38 @@ def test_node_lock_survives_waiters_that_are_cancelled():
 
     trio.run(main)
 
+
+def test_prefetch_window_and_which_opens_were_warmed_ahead():
+    """_prefetch_after, alone: the first open in a listing asks the helper for the
+    next PREFETCH_FILES names and says that this file itself was not asked for
+    (so its open starts its own data read); opening the files in order, each
+    was asked for before its open, every name is sent once and in order, and
+    the window grows to its maximum; a reader that skips ahead is not warmed."""
+    from types import SimpleNamespace
+
+    from kmsfs.fs import PREFETCH_FILES, PREFETCH_FILES_MAX, KmsfsOperations, Listing
+
+    sent: list[list[bytes]] = []
+    names = [b".", b".."] + [b"f%d" % i for i in range(300)]
+    listing = Listing(7, names)
+    ops = SimpleNamespace(
+        prefetcher=SimpleNamespace(request=lambda fd, batch: sent.append(batch) or True),
+        inodes={7: SimpleNamespace(fd=99)},
+    )
+    prefetch_after = KmsfsOperations._prefetch_after
+
+    assert prefetch_after(ops, (listing, 2)) is False  # nobody warmed f0
+    assert sent == [names[3:3 + PREFETCH_FILES]]
+    assert all(prefetch_after(ops, (listing, index)) is True for index in range(3, 150))
+    assert [name for batch in sent for name in batch] == names[3:listing.prefetched_to]
+    assert listing.prefetched_to > 150 and listing.window == PREFETCH_FILES_MAX
+    assert max(len(batch) for batch in sent) <= PREFETCH_FILES_MAX
+
+    # an open far past what was sent (the reader skipped ahead): not warmed, and it refills from there
+    assert prefetch_after(ops, (listing, 280)) is False
+    assert sent[-1] == names[281:]
+
+    ops.prefetcher = None  # no helper: every open counts as warmed, nothing is sent
+    count = len(sent)
+    assert prefetch_after(ops, (Listing(7, names), 2)) is True
+    assert len(sent) == count

@@ -109,6 +109,34 @@ def test_the_helper_skips_what_is_not_a_regular_file_with_data(tmp_path):
         os.close(dir_fd)
 
 
+def test_header_readers_warm_every_file_and_leave_nothing_open(tmp_path):
+    """With a pool of header readers (as the helper runs it): every regular
+    file's data is read ahead, every descriptor is closed by the time
+    prefetch_files returns, and what is not a regular file is still skipped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fds = []
+    for i in range(12):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(os.urandom(20 * 1024))
+        os.setxattr(path, HEADER_XATTR, b"h" * 106)
+        fds.append(os.open(path, os.O_RDONLY))
+    os.mkfifo(tmp_path / "fifo")
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for fd in fds:
+            _drop_pages(fd)
+        with ThreadPoolExecutor(4) as pool:
+            before = _open_fds()
+            prefetch_files(dir_fd, [b"fifo", *(f"f{i}".encode() for i in range(12)), b"gone"], pool)
+            assert _open_fds() == before
+        assert _wait_until(lambda: all(_cached(fd) for fd in fds)), "some files were not read ahead"
+    finally:
+        os.close(dir_fd)
+        for fd in fds:
+            os.close(fd)
+
+
 def test_the_helper_loop_closes_every_descriptor_and_ends_at_eof(tmp_path):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     (tmp_path / "f").write_bytes(b"x" * 100)
