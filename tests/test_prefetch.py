@@ -137,6 +137,45 @@ def test_header_readers_warm_every_file_and_leave_nothing_open(tmp_path):
             os.close(fd)
 
 
+@pytest.mark.parametrize("with_pool", [True, False])
+def test_a_subdirectory_in_a_batch_has_its_first_files_warmed(tmp_path, with_pool):
+    """A subdirectory named in a batch: the first SUBDIR_FILES regular files of
+    its listing are warmed (in listing order, skipping what is not a regular
+    file with data), the rest is left alone, and nothing stays open."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kmsfs.prefetch import SUBDIR_FILES
+
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "inner").mkdir()
+    os.mkfifo(sub / "fifo")
+    os.symlink("/etc/passwd", sub / "link")
+    (sub / "empty").write_bytes(b"")
+    for i in range(SUBDIR_FILES + 6):
+        (sub / f"f{i}").write_bytes(os.urandom(8192))
+    regular = [name for name in os.listdir(sub) if name[1:].isdigit()]  # f0, f1, ... in listing order
+    fds = {name: os.open(sub / name, os.O_RDONLY) for name in regular}
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for fd in fds.values():
+            _drop_pages(fd)
+        before = _open_fds()
+        if with_pool:
+            with ThreadPoolExecutor(4) as pool:
+                prefetch_files(dir_fd, [b"sub"], pool)
+        else:
+            prefetch_files(dir_fd, [b"sub"])
+        assert _open_fds() == before
+        first = regular[:SUBDIR_FILES]
+        assert _wait_until(lambda: all(_cached(fds[name]) for name in first)), "the first files were not read ahead"
+        assert not any(_cached(fds[name]) for name in regular[SUBDIR_FILES:])
+    finally:
+        os.close(dir_fd)
+        for fd in fds.values():
+            os.close(fd)
+
+
 def test_the_helper_loop_closes_every_descriptor_and_ends_at_eof(tmp_path):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     (tmp_path / "f").write_bytes(b"x" * 100)
