@@ -195,6 +195,18 @@ def test_the_helper_loop_closes_every_descriptor_and_ends_at_eof(tmp_path):
     assert _open_fds() == expected
 
 
+def test_the_helper_runs_below_the_daemons_priority(prefetcher):
+    from kmsfs.prefetch import NICENESS
+
+    def niceness(pid: int) -> int:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat_line.rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+    expected = min(niceness(os.getpid()) + NICENESS, 19)
+    # (set by the helper itself once it has started)
+    assert _wait_until(lambda: niceness(prefetcher.pid) == expected), niceness(prefetcher.pid)
+
+
 def test_close_ends_the_helper(prefetcher):
     assert prefetcher._process.poll() is None
     prefetcher.close()
