@@ -46,7 +46,7 @@ from .format import (
 )
 from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
 from .keystore import HsmError
-from .prefetch import PREFETCH_BYTES, Prefetcher
+from .prefetch import Prefetcher, start_reading
 from .kms import Caller, KeyService, KmsError, RewrapProgress
 from .rewrap import rewrap_key
 from .store import PROBE_XATTR, RESERVED_ROOT_NAMES, StoreError
@@ -139,14 +139,6 @@ def _fuse_op(fn: F) -> F:
 
 def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
-
-
-def _start_reading(fd: int) -> None:
-    """Have the kernel start reading a file's first PREFETCH_BYTES, without waiting."""
-    try:
-        os.posix_fadvise(fd, 0, PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass  # advice only
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
@@ -1141,7 +1133,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 # The first file opened in a directory (no helper was asked
                 # for it): its data read then overlaps the header read below
                 # instead of waiting after it.
-                _start_reading(fd)
+                start_reading(fd)
             try:
                 open_file = await self._load(node, fd)
             except BaseException:

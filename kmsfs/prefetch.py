@@ -166,6 +166,14 @@ class Prefetcher:
 # ----------------------------------------------------------------------------- helper
 
 
+def start_reading(fd: int, size: int = PREFETCH_BYTES) -> None:
+    """Have the kernel start reading ``fd``'s first ``size`` bytes (at most PREFETCH_BYTES), without waiting."""
+    try:
+        os.posix_fadvise(fd, 0, min(size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # advice only
+
+
 def _warm(fd: int, size: int) -> None:
     """Read ``fd``'s header, then start reading its data; close it."""
     try:
@@ -173,9 +181,7 @@ def _warm(fd: int, size: int) -> None:
             os.getxattr(fd, HEADER_XATTR)
         except OSError:  # no header (yet), or no xattrs: nothing to warm
             pass
-        os.posix_fadvise(fd, 0, min(size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
+        start_reading(fd, size)
     finally:
         os.close(fd)
 

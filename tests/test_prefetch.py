@@ -91,6 +91,21 @@ def test_the_helper_brings_the_next_files_into_the_page_cache(prefetcher, cold_f
     assert prefetcher.stats()["batches"] == 1
 
 
+def test_start_reading_brings_a_file_in_without_waiting_and_ignores_what_cannot_be_advised(cold_file):
+    """The daemon's own read-ahead of the first file it opens in a directory."""
+    from kmsfs.prefetch import start_reading
+
+    _path, fd = cold_file
+    start_reading(fd, 300 * 1024)
+    assert _wait_until(lambda: _cached(fd)), "the file was not read ahead"
+    read_end, write_end = os.pipe()
+    try:
+        start_reading(read_end)  # a pipe takes no advice (ESPIPE): nothing raised
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_the_helper_skips_what_is_not_a_regular_file_with_data(tmp_path):
     """Called in-process: names that vanish, links, FIFOs, directories, empty files,
     names that are no names at all.  A FIFO in particular must never be opened for reading
