@@ -1,8 +1,9 @@
-"""Keeping a waiting client's CPU awake while it sends small requests.
+"""Keeping a waiting client's CPU awake while it sends requests one after another.
 
 A program that reads or writes a file in small pieces, one after another
-(a database, fio with psync, tar), sleeps in the kernel while the daemon
-serves each request, and its CPU has nothing else to do, so it goes idle.
+(a database, fio with psync, tar), or walks a tree (ls -lR, find), sleeps
+in the kernel while the daemon serves each request, and its CPU has
+nothing else to do, so it goes idle.
 On these VMs an idle vCPU halts (they boot with guest halt-polling off,
 ``haltpoll.guest_halt_poll_ns=0``), and the daemon's reply then has to wake
 it through the hypervisor.  The request loop already polls for the next
@@ -26,16 +27,18 @@ with two CPUs, the one the client sleeps on while the daemon's loop polls
 on the other.  (Pinning it to the client's CPU, looked up every 10 ms in
 ``/proc``, did worse: 4,400 to 5,700.)  With more CPUs it may well spin on
 one that nobody waits on, so the mount starts it by default only where
-exactly two CPUs are allowed (kmsfs/mount.py).  It spins only while small
+exactly two CPUs are allowed (kmsfs/mount.py).  It spins only while
 requests keep coming: after ``idle_us`` without one it sleeps in a blocking
-read, and the daemon wakes it with one byte on a pipe.
+read, and the daemon wakes it with one byte on a pipe.  Every request whose
+sender waits for the answer counts (fs._fuse_op), except reads and writes
+over 64 KiB: a sequential reader or writer keeps both CPUs busy without help.
 
 Why a process: a thread of the daemon spinning in Python would hold the GIL
 that the request loop needs.
 
 Shared state, a memfd of one page that both map (native byte order)::
 
-    offset 0  u32  beat: the daemon adds one per small request it serves
+    offset 0  u32  beat: the daemon adds one per request it counts
     offset 4  u8   1 while the helper sleeps; the daemon clears it and wakes it
 
 The helper ends at end of file on its pipe: when the daemon closes it at
@@ -58,7 +61,7 @@ from .helperprocess import start_helper, wait_for_helper
 
 log = logging.getLogger(__name__)
 
-#: How long, by default, the helper keeps spinning after the last small request.
+#: How long, by default, the helper keeps spinning after the last request.
 IDLE_US = 2000
 #: A pause between two turns of the busy loop longer than this means the helper
 #: was not running (other tasks had the CPU): that time does not count as quiet.
@@ -130,10 +133,10 @@ class ClientSpinner:
         return {"helper_pid": None if self._ended else self._process.pid, "wakeups": self.wakeups}
 
     def note_request(self) -> None:
-        """A small request is being served: its sender waits, keep its CPU awake.
+        """A request is being served: its sender waits, keep its CPU awake.
 
-        On the path of every small read and write, so it costs one store in
-        the common case, and a one-byte write when the helper sleeps.
+        On the path of nearly every request (fs._fuse_op), so it costs one
+        store in the common case, and a one-byte write when the helper sleeps.
         """
         shared = self._shared
         self._beat = beat = (self._beat + 1) & 0xFFFFFFFF
@@ -150,7 +153,7 @@ class ClientSpinner:
             pass  # the pipe is full of wake-ups already
         except OSError as exc:  # EPIPE: it has ended
             self._ended = True
-            log.warning("the client spin helper (pid %d) has ended (%s, exit status %s); small requests "
+            log.warning("the client spin helper (pid %d) has ended (%s, exit status %s); requests "
                         "now wait for halted CPUs to wake", self._process.pid, exc, self._process.poll())
 
     def close(self) -> None:

@@ -122,7 +122,7 @@ READ_AHEAD_KB_MAX = 1 << 20
 SPIN_US = round(fuseloop.SPIN_INTERVAL * 1e6)
 SPIN_US_MAX = 10_000
 
-#: ``-o client_spin_us=N``: how long after a client's last small request a
+#: ``-o client_spin_us=N``: how long after a client's last request a
 #: helper process keeps that client's CPU awake (kmsfs/clientspin.py explains
 #: why); 0 turns the helper off.  Without the option it runs where exactly two
 #: CPUs are allowed (where the scheduler puts it on the client's); with it,

@@ -1,13 +1,14 @@
 """The helper that keeps a waiting client's CPU awake (kmsfs/clientspin.py).
 
 What must hold: it runs at SCHED_IDLE and nothing else (so it can only take
-time a CPU would spend halted), it spins while small requests come and sleeps
+time a CPU would spend halted), it spins while requests come and sleeps
 when they stop, the daemon wakes it, it ends when the daemon closes its pipe
 or dies, and a mount with or without it serves the same bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -276,3 +277,80 @@ def test_the_helper_ends_when_its_daemon_is_killed(store):
     (m.path / "f").write_bytes(b"x" * 10000)  # small writes: it spins
     m.kill9()
     assert _wait_for(lambda: _gone(pid), 10), "the helper outlived its killed daemon"
+
+
+def _asleep(pid: int) -> bool:
+    """The helper sleeps in its pipe read (it set its sleeping flag first)."""
+    return _wait_for(lambda: _state(pid) == "S", 10) and _wait_for(lambda: _state(pid) == "S", 10)
+
+
+def _wakeups(m) -> int:
+    return json.loads((m.path / ".kmsfs" / "status").read_bytes())["client_spin"]["wakeups"]
+
+
+def test_metadata_requests_wake_the_helper_not_only_reads_and_writes(store):
+    # A program walking a tree (ls -lR sends a GETXATTR per entry) waits on
+    # requests that are neither reads nor writes; they count too (fs._fuse_op).
+    m = store.mount(None, "client_spin_us=1000")
+    pid = _helper_pid(m.log())
+    if pid is None:  # nothing to wake: see test_a_mount_with_the_helper_serves_small_io...
+        assert len(os.sched_getaffinity(0)) < 2, m.log()
+        m.unmount()
+        return
+    (m.path / "f").write_bytes(b"x")
+    assert _asleep(pid)
+    before = _wakeups(m)
+    for _ in range(5):
+        assert _asleep(pid)
+        with pytest.raises(OSError) as raised:
+            os.getxattr(m.path / "f", "user.not-there")
+        assert raised.value.errno == errno.ENODATA
+    assert _asleep(pid)
+    # Each GETXATTR found the helper asleep and woke it; reading the status
+    # again wakes it at least once more (its OPEN), at most once per request.
+    assert _wakeups(m) >= before + 6
+    m.unmount()
+
+
+def test_only_requests_whose_sender_waits_count():
+    from kmsfs.fs import KmsfsOperations
+
+    ops = {name for name in dir(KmsfsOperations)
+           if not name.startswith("_") and hasattr(getattr(KmsfsOperations, name), "__wrapped__")}
+    not_counted = {name for name in ops if getattr(getattr(KmsfsOperations, name), "_sender_waits", True) is False}
+    # FORGET has no reply and RELEASE comes after close(2) returned; READ and
+    # WRITE count themselves, when small.
+    assert not_counted == {"forget", "release", "releasedir", "read", "write"}
+    assert {"lookup", "getattr", "getxattr", "open", "readdir", "create", "unlink"} <= ops - not_counted
+
+
+def test_an_operation_notes_the_request_before_it_runs_and_without_a_helper_too():
+    import trio
+
+    from kmsfs.fs import _fuse_op, _sender_does_not_wait
+
+    class Counter:
+        def __init__(self) -> None:
+            self.notes = 0
+
+        def note_request(self) -> None:
+            self.notes += 1
+
+    class Ops:
+        client_spinner: Counter | None = None
+
+        @_fuse_op
+        async def waits(self) -> int:
+            return self.client_spinner.notes if self.client_spinner else -1
+
+        @_fuse_op
+        @_sender_does_not_wait
+        async def does_not_wait(self) -> int:
+            return self.client_spinner.notes if self.client_spinner else -1
+
+    ops = Ops()
+    assert trio.run(ops.waits) == -1 and trio.run(ops.does_not_wait) == -1
+    ops.client_spinner = Counter()
+    assert trio.run(ops.waits) == 1  # noted before the handler ran
+    assert trio.run(ops.does_not_wait) == 1
+    assert ops.client_spinner.notes == 1
