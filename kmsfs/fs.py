@@ -113,15 +113,15 @@ def _errno_of(exc: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
-def _sender_does_not_wait(fn: F) -> F:
-    """Mark an operation whose request is not one a waiting client sent (see _fuse_op).
+def _uncounted(fn: F) -> F:
+    """Leave an operation out of _fuse_op's count of requests that a client waits on.
 
-    FORGET has no reply, and the kernel sends RELEASE after close(2) has
-    returned.  READ and WRITE keep the client's CPU awake themselves, for small
+    Nobody waits for FORGET (it has no reply) or RELEASE (the kernel sends it
+    after close(2) has returned).  READ and WRITE count themselves, small
     requests only: a sequential reader or writer of 1 MiB requests keeps both
     CPUs busy without help.
     """
-    fn._sender_waits = False  # type: ignore[attr-defined]
+    fn._counted = False  # type: ignore[attr-defined]
     return fn
 
 
@@ -135,11 +135,11 @@ def _fuse_op(fn: F) -> F:
     What it gave is in docs/operations.md: the most under steal, where a cold
     ``ls -lR`` took 0.25-0.50 s instead of 0.32-1.74 s.
     """
-    sender_waits: bool = getattr(fn, "_sender_waits", True)
+    counted: bool = getattr(fn, "_counted", True)
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
-        if sender_waits:
+        if counted:
             spinner = args[0].client_spinner
             if spinner is not None:
                 spinner.note_request()
@@ -630,7 +630,7 @@ class KmsfsOperations(pyfuse3.Operations):
             return entry
 
     @_fuse_op
-    @_sender_does_not_wait
+    @_uncounted
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             if ino >= CONTROL_BASE:
@@ -1286,7 +1286,7 @@ class KmsfsOperations(pyfuse3.Operations):
         return handle
 
     @_fuse_op
-    @_sender_does_not_wait
+    @_uncounted
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         control = self._handles.get(fh)
         if isinstance(control, ControlHandle):
@@ -1312,7 +1312,7 @@ class KmsfsOperations(pyfuse3.Operations):
             return await self._in_thread(node, cipher_file.read, off, size, size=size)
 
     @_fuse_op
-    @_sender_does_not_wait
+    @_uncounted
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         control = self._handles.get(fh)
         if isinstance(control, ControlHandle):
@@ -1366,7 +1366,7 @@ class KmsfsOperations(pyfuse3.Operations):
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_fuse_op
-    @_sender_does_not_wait
+    @_uncounted
     async def release(self, fh: int) -> None:
         await self._close_handle(fh)
 
@@ -1441,7 +1441,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 return
 
     @_fuse_op
-    @_sender_does_not_wait
+    @_uncounted
     async def releasedir(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, DirHandle):

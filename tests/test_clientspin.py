@@ -281,7 +281,7 @@ def test_the_helper_ends_when_its_daemon_is_killed(store):
 
 def _asleep(pid: int) -> bool:
     """The helper sleeps in its pipe read (it set its sleeping flag first)."""
-    return _wait_for(lambda: _state(pid) == "S", 10) and _wait_for(lambda: _state(pid) == "S", 10)
+    return _wait_for(lambda: _state(pid) == "S", 10)
 
 
 def _wakeups(m) -> int:
@@ -312,12 +312,12 @@ def test_metadata_requests_wake_the_helper_not_only_reads_and_writes(store):
     m.unmount()
 
 
-def test_only_requests_whose_sender_waits_count():
+def test_every_request_counts_but_those_nobody_waits_for_and_reads_and_writes():
     from kmsfs.fs import KmsfsOperations
 
     ops = {name for name in dir(KmsfsOperations)
            if not name.startswith("_") and hasattr(getattr(KmsfsOperations, name), "__wrapped__")}
-    not_counted = {name for name in ops if getattr(getattr(KmsfsOperations, name), "_sender_waits", True) is False}
+    not_counted = {name for name in ops if getattr(getattr(KmsfsOperations, name), "_counted", True) is False}
     # FORGET has no reply and RELEASE comes after close(2) returned; READ and
     # WRITE count themselves, when small.
     assert not_counted == {"forget", "release", "releasedir", "read", "write"}
@@ -327,7 +327,7 @@ def test_only_requests_whose_sender_waits_count():
 def test_an_operation_notes_the_request_before_it_runs_and_without_a_helper_too():
     import trio
 
-    from kmsfs.fs import _fuse_op, _sender_does_not_wait
+    from kmsfs.fs import _fuse_op, _uncounted
 
     class Counter:
         def __init__(self) -> None:
@@ -344,7 +344,7 @@ def test_an_operation_notes_the_request_before_it_runs_and_without_a_helper_too(
             return self.client_spinner.notes if self.client_spinner else -1
 
         @_fuse_op
-        @_sender_does_not_wait
+        @_uncounted
         async def does_not_wait(self) -> int:
             return self.client_spinner.notes if self.client_spinner else -1
 
