@@ -155,16 +155,22 @@ def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
 
 def _whole_number_option(own: set[str], name: str, default: int, maximum: int) -> int:
     """The value of ``-o name=N`` (0 to maximum); a bad one is reported and the default used."""
+    given = _given_whole_number(own, name, default, maximum)
+    return default if given is None else given
+
+
+def _given_whole_number(own: set[str], name: str, default: int, maximum: int) -> int | None:
+    """The value of ``-o name=N`` if it was given and is good; a bad one is reported."""
     value = _option_value(own, name)
     if value is None:
-        return default
+        return None
     try:
         number = int(value)
     except ValueError:
         number = -1
     if not 0 <= number <= maximum:
         log.warning("ignoring -o %s=%s: not a whole number from 0 to %d; using %d", name, value, maximum, default)
-        return default
+        return None
     return number
 
 
@@ -400,7 +406,9 @@ def serve(
     fuse_options, own_options = _split_options(options)
     read_ahead_kb = _whole_number_option(own_options, "read_ahead_kb", READ_AHEAD_KB, READ_AHEAD_KB_MAX)
     spin_us = _whole_number_option(own_options, "spin_us", SPIN_US, SPIN_US_MAX)
-    client_spin_us = _whole_number_option(own_options, "client_spin_us", CLIENT_SPIN_US, CLIENT_SPIN_US_MAX)
+    # Given and good: a bad value is ignored, and does not count as asking for the helper.
+    client_spin_given = _given_whole_number(own_options, "client_spin_us", CLIENT_SPIN_US, CLIENT_SPIN_US_MAX)
+    client_spin_us = CLIENT_SPIN_US if client_spin_given is None else client_spin_given
     dek_cache = _whole_number_option(own_options, "dek_cache", DEK_CACHE, DEK_CACHE_MAX)
     dek_cache_seconds = _whole_number_option(own_options, "dek_cache_seconds", DEK_CACHE_SECONDS,
                                              DEK_CACHE_SECONDS_MAX)
@@ -415,8 +423,7 @@ def serve(
     # Started before the mount, so that it cannot inherit /dev/fuse: a helper
     # holding it would keep the mount alive after the daemon's death.
     ops.prefetcher = _start_prefetcher()
-    asked_for_client_spin = _option_value(own_options, "client_spin_us") is not None
-    ops.client_spinner = _start_client_spinner(client_spin_us, asked_for_client_spin)
+    ops.client_spinner = _start_client_spinner(client_spin_us, asked=client_spin_given is not None)
     try:
         pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, fuse_options, os.geteuid() == 0))
     except RuntimeError as exc:

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmsfs.mount import (
-    _fuse_options, _mount_device, _option_value, _split_options, _unescape_mount_path, _whole_number_option,
+    _fuse_options, _given_whole_number, _mount_device, _option_value, _split_options, _unescape_mount_path,
+    _whole_number_option,
 )
 from pagecache import resident_pages
 
@@ -72,6 +73,8 @@ def test_whole_number_options(name, default, maximum, value, good, caplog):
     own = set() if value is None else {f"{name}={value}"}
     expected = default if value is None or not good else int(value)
     assert _whole_number_option(own, name, default, maximum) == expected
+    # Only a good value counts as given (-o client_spin_us=N asks for the helper).
+    assert _given_whole_number(own, name, default, maximum) == (None if value is None or not good else expected)
     assert (f"ignoring -o {name}={value}" in caplog.text) == (not good)
 
 
