@@ -53,7 +53,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import IN_CI, Mount, Store, make_store
+from conftest import IN_CI, Mount, Store, make_store, status_state
 from kmsfs.format import DEFAULT_BLOCK_SIZE, HEADER_MIN_SIZE, ciphertext_size, parse_header
 from test_lifecycle import (
     OTHER_UID, USER_PYTHON, b64, create_key, ctl, info, kpath, open_mountpoint, read_ctl, require_other_uid,
@@ -198,10 +198,8 @@ def key_state(m: Mount) -> dict[str, Any]:
         keys[alias] = {"info": json.loads(kpath(m, alias, "info").read_bytes()),
                        "grants": read_ctl(kpath(m, alias, "grants"))}
     keys["victim"]["rewrap"] = json.loads(kpath(m, "victim", "rewrap").read_bytes())
-    status = json.loads((ctl(m) / "status").read_bytes())
-    for volatile in ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch", "client_spin"):  # counters, not state
-        status.pop(volatile, None)
-    return {"keys": keys, "default": read_ctl(ctl(m) / "default-key"), "status": status}
+    return {"keys": keys, "default": read_ctl(ctl(m) / "default-key"),
+            "status": status_state((ctl(m) / "status").read_bytes())}
 
 
 def errno_name(code: int | None) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Mount, Store, make_store
+from conftest import Mount, Store, make_store, status_state
 from test_lifecycle import (
     OTHER_UID, as_user, audit, audit_since, b64, cli, create_key, ctl, errno_of, info, key_dir, key_of, kpath,
     open_mountpoint, read_ctl, require_other_uid, transact, wait_rewrap, write_ctl, _wrap,
@@ -78,15 +78,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         finally:
             for mount in store.mounts:
                 mount.cleanup()
-
-
-#: Fields of .kmsfs/status that count activity rather than state; reading the
-#: status is activity too (it wakes the client spin helper).
-STATUS_COUNTERS = ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch", "client_spin")
-
-
-def status_state(raw: bytes) -> dict[str, Any]:
-    return {k: v for k, v in json.loads(raw).items() if k not in STATUS_COUNTERS}
 
 
 def snapshot(m: Mount) -> dict[str, Any]:
