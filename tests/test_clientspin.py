@@ -128,6 +128,34 @@ def test_a_helper_that_died_is_reported_once_and_requests_go_on(spinner, caplog)
     spinner.close()
 
 
+def test_a_full_wake_up_pipe_neither_blocks_nor_fails_a_request(spinner, caplog):
+    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    os.kill(spinner.pid, signal.SIGSTOP)  # it cannot drain the pipe meanwhile
+    try:
+        while True:  # fill the pipe as a long run of wake-ups would
+            try:
+                os.write(spinner._wake_fd, b"\1" * 4096)
+            except BlockingIOError:
+                break
+        woken = spinner.wakeups
+        with caplog.at_level(logging.WARNING, logger="kmsfs.clientspin"):
+            for _ in range(3):
+                spinner._shared[clientspin._SLEEPING_OFFSET] = 1
+                spinner.note_request()  # would block, were the pipe not non-blocking
+        assert spinner.wakeups == woken and not spinner._ended  # a full pipe wakes it anyway
+        assert "has ended" not in caplog.text
+    finally:
+        os.kill(spinner.pid, signal.SIGCONT)
+    spinner.close()
+    assert spinner._process.returncode == 0
+
+
+def test_cpu_seconds_counts_while_it_runs_and_is_none_once_it_ended(spinner):
+    assert spinner.cpu_seconds() is not None and spinner.cpu_seconds() >= 0
+    spinner.close()
+    assert spinner.cpu_seconds() is None
+
+
 def test_a_helper_that_will_not_end_is_killed_at_close(monkeypatch, caplog, spinner):
     monkeypatch.setattr(clientspin, "EXIT_TIMEOUT", 0.5)
     os.kill(spinner.pid, signal.SIGSTOP)  # stopped: it never reads the end of file
