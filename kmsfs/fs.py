@@ -872,14 +872,18 @@ class KmsfsOperations(pyfuse3.Operations):
         try:
             return await fuseloop.run_cpu_bound(fn, *args)
         except BlockAuthError as exc:
-            raise IntegrityError(f"{self._path_for_log(node)}: {exc}") from None
+            raise self._damage(node, exc) from None
 
     def _on_loop(self, node: Inode, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run file I/O and its crypto on the loop itself; name damage precisely."""
         try:
             return fn(*args, **kwargs)
         except BlockAuthError as exc:
-            raise IntegrityError(f"{self._path_for_log(node)}: {exc}") from None
+            raise self._damage(node, exc) from None
+
+    def _damage(self, node: Inode, exc: BlockAuthError) -> IntegrityError:
+        """A tampered or damaged block, named by the file's path (EIO for the caller)."""
+        return IntegrityError(f"{self._path_for_log(node)}: {exc}")
 
     async def _effective_key_and_context(self, parent: Inode) -> tuple[KeyRecord, bytes]:
         """The CMK and encryption context that the nearest ancestors name.
