@@ -42,11 +42,12 @@ class BlockAuthError(Exception):
 class ContentCipher:
     """Encrypts and decrypts the blocks of one file under its DEK."""
 
-    __slots__ = ("_aead", "_file_id", "block_size", "ct_block_size", "_zero_block")
+    __slots__ = ("_dek", "_aead", "_file_id", "block_size", "ct_block_size", "_zero_block")
 
     def __init__(self, dek: bytes, file_id: bytes, block_size: int) -> None:
         if len(file_id) != FILE_ID_SIZE:
             raise ValueError("file id must be 16 bytes")
+        self._dek = bytes(dek)
         self._aead = AESGCM(dek)
         self._file_id = file_id
         self.block_size = block_size
@@ -56,6 +57,11 @@ class ContentCipher:
     @property
     def file_id(self) -> bytes:
         return self._file_id
+
+    def key_for_decrypt_helper(self) -> bytes:
+        """The DEK itself, for the daemon's decrypt helper process (kmsfs/decrypthelper.py)
+        only: never to be logged, printed or written."""
+        return self._dek
 
     def encrypt(self, plaintext: bytes | bytearray | memoryview, first_block: int) -> bytearray:
         """Encrypt ``plaintext`` as consecutive blocks starting at ``first_block``.
@@ -107,19 +113,42 @@ class ContentCipher:
 
         A full-length block of zero bytes is a hole and decrypts to zeros.
         """
-        src = memoryview(ciphertext)
-        n = len(src)
+        n = len(ciphertext)
         if n == 0:
             return bytearray()
-        cbs = self.ct_block_size
-        bs = self.block_size
-        nblocks, rest = divmod(n, cbs)
+        out = bytearray(self.plaintext_length(n, first_block))  # zero-filled: holes need no write
+        self._decrypt_run(memoryview(ciphertext), first_block, memoryview(out), holes_are_zero=True)
+        return out
+
+    def decrypt_into(self, ciphertext: bytes | bytearray | memoryview, first_block: int,
+                     out: bytearray | memoryview) -> int:
+        """``decrypt`` into ``out`` (which may hold anything), returning the plaintext length.
+
+        For buffers that are reused from one read to the next: holes are
+        written as zeros here.  On BlockAuthError, ``out`` holds garbage.
+        """
+        n = len(ciphertext)
+        length = self.plaintext_length(n, first_block)
+        if length > len(out):
+            raise ValueError(f"{length} bytes of plaintext do not fit in a buffer of {len(out)}")
+        if n:
+            self._decrypt_run(memoryview(ciphertext), first_block, memoryview(out), holes_are_zero=False)
+        return length
+
+    def plaintext_length(self, ciphertext_length: int, first_block: int = 0) -> int:
+        """Plaintext bytes in a run of blocks starting at ``first_block``; BlockAuthError
+        if its last block is too short to hold any."""
+        nblocks, rest = divmod(ciphertext_length, self.ct_block_size)
         if rest:
             if rest <= BLOCK_OVERHEAD:
                 raise BlockAuthError(first_block + nblocks, f"truncated block ({rest} bytes)")
             nblocks += 1
-        out = bytearray(n - nblocks * BLOCK_OVERHEAD)  # zero-filled: holes need no write
-        dst = memoryview(out)
+        return ciphertext_length - nblocks * BLOCK_OVERHEAD
+
+    def _decrypt_run(self, src: memoryview, first_block: int, dst: memoryview, holes_are_zero: bool) -> None:
+        cbs = self.ct_block_size
+        bs = self.block_size
+        nblocks = -(-len(src) // cbs)
         file_id = self._file_id
         decrypt_into = self._aead.decrypt_into
         pack = _BLOCK_NUMBER.pack
@@ -133,6 +162,8 @@ class ContentCipher:
             # nearly always settles it; bytes() because comparing a memoryview
             # goes byte by byte (4 us a block), a copy and memcmp do not.
             if not block[0] and bytes(block) == zero_block:
+                if not holes_are_zero:
+                    dst[i * bs:(i + 1) * bs] = zero_block[:bs]
                 continue
             p = i * bs
             try:
@@ -140,4 +171,3 @@ class ContentCipher:
                              dst[p:p + len(block) - BLOCK_OVERHEAD])
             except InvalidTag:
                 raise BlockAuthError(first_block + i, "authentication failed") from None
-        return out
