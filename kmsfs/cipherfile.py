@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from .contentcrypt import BlockAuthError, ContentCipher
+from .decrypthelper import MIN_BLOCKS as MIN_SHARED_BLOCKS
+from .decrypthelper import DecryptHelper
 from .format import BLOCK_OVERHEAD, ciphertext_size, plaintext_size_lenient
 from .truncation import TruncationJournal
 
@@ -99,11 +101,14 @@ def _scratch(size: int) -> memoryview:
 
 
 class CipherFile:
-    __slots__ = ("fd", "cipher", "bs", "cbs", "journal", "_dense_below")
+    __slots__ = ("fd", "cipher", "bs", "cbs", "journal", "decrypt_helper", "_dense_below")
 
-    def __init__(self, fd: int, cipher: ContentCipher, journal: TruncationJournal | None = None) -> None:
+    def __init__(self, fd: int, cipher: ContentCipher, journal: TruncationJournal | None = None,
+                 decrypt_helper: DecryptHelper | None = None) -> None:
         self.fd = fd
         self.cipher = cipher
+        #: Shares the decryption of large reads from the page cache (kmsfs/decrypthelper.py).
+        self.decrypt_helper = decrypt_helper
         self.bs = cipher.block_size
         self.cbs = cipher.ct_block_size
         #: Where truncates into a block keep their intent record; None: no crash protection.
@@ -180,7 +185,7 @@ class CipherFile:
         if self._dense_below is not None and position < self._dense_below:
             self._dense_below = position
 
-    def _read_span(self, first: int, count: int, ct_size: int, nowait: bool) -> bytearray:
+    def _read_span(self, first: int, count: int, ct_size: int, nowait: bool) -> bytearray | memoryview:
         if nowait:
             return self._read_blocks_cached(first, count, ct_size)
         return self._read_blocks(first, count)
@@ -204,11 +209,19 @@ class CipherFile:
         ct = os.pread(self.fd, want, first * self.cbs)
         return _bulk_crypto(self.cipher.decrypt, ct, first)
 
-    def _read_blocks_cached(self, first: int, count: int, ct_size: int) -> bytearray:
-        """``_read_blocks`` from the page cache only; WouldBlock if that is not enough."""
+    def _read_blocks_cached(self, first: int, count: int, ct_size: int) -> bytearray | memoryview:
+        """``_read_blocks`` from the page cache only; WouldBlock if that is not enough.
+
+        A large read is decrypted partly by the decrypt helper, on the other
+        CPU, when there is one and this is the thread it serves.
+        """
         position = first * self.cbs
         want = min(count * self.cbs, ct_size - position)
-        buffer = _scratch(want)
+        helper = self.decrypt_helper if count >= MIN_SHARED_BLOCKS else None
+        buffer = helper.ciphertext_buffer(want) if helper is not None else None
+        if buffer is None:
+            helper = None
+            buffer = _scratch(want)
         try:
             got = os.preadv(self.fd, [buffer], position, os.RWF_NOWAIT)
         except OSError as exc:
@@ -217,6 +230,8 @@ class CipherFile:
             raise
         if got < want:
             raise WouldBlock()  # partly cached (or the file shrank meanwhile: the thread finds out)
+        if helper is not None:
+            return helper.decrypt(self.cipher, want, first)
         return _bulk_crypto(self.cipher.decrypt, buffer, first)
 
     def _read_block(self, number: int) -> bytearray:

@@ -46,6 +46,7 @@ from .format import (
 )
 from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
 from .keystore import HsmError
+from .decrypthelper import DecryptHelper
 from .prefetch import Prefetcher, start_reading
 from .kms import Caller, KeyService, KmsError, RewrapProgress
 from .rewrap import rewrap_key
@@ -381,6 +382,10 @@ class KmsfsOperations(pyfuse3.Operations):
         #: The helper that keeps a waiting client's CPU awake (kmsfs/clientspin.py);
         #: None: none.  Set and closed by the mount.
         self.client_spinner: ClientSpinner | None = None
+        #: The helper that decrypts part of each large cached read on the other
+        #: CPU (kmsfs/decrypthelper.py); None: the loop decrypts alone.  Set and
+        #: closed by the mount, before any file is opened.
+        self.decrypt_helper: DecryptHelper | None = None
 
     # ================================================================ inode table
 
@@ -973,7 +978,8 @@ class KmsfsOperations(pyfuse3.Operations):
         async with inode.lock:
             if inode.open_file is None:
                 # One reference of our own, dropped after _open_handle took the handle's.
-                inode.open_file = OpenFile(fd, header, CipherFile(fd, cipher, self.truncations), handles=1)
+                cipher_file = CipherFile(fd, cipher, self.truncations, self.decrypt_helper)
+                inode.open_file = OpenFile(fd, header, cipher_file, handles=1)
                 inode.key_id = inode.open_file.key_id
             else:  # someone opened it between our create and now (another link)
                 os.close(fd)
@@ -1244,7 +1250,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 cipher = await self._hsm(functools.partial(self.envelope.open, look_in_cache=False), header)
             except (HsmError, KeyNotFound, KeyUnusable) as exc:
                 raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
-        return OpenFile(fd, header, CipherFile(fd, cipher, self.truncations))
+        return OpenFile(fd, header, CipherFile(fd, cipher, self.truncations, self.decrypt_helper))
 
     def _require_store_geometry(self, node: Inode, header: Header) -> None:
         if header.block_size != self.block_size or header.version != self.envelope.format_version:
@@ -1260,7 +1266,7 @@ class KmsfsOperations(pyfuse3.Operations):
         header, cipher = await self._hsm(self.envelope.seal_new, key, b"")
         os.setxattr(open_file.fd, HEADER_XATTR, header.to_bytes())
         open_file.header = header
-        open_file.cipher_file = CipherFile(open_file.fd, cipher, self.truncations)
+        open_file.cipher_file = CipherFile(open_file.fd, cipher, self.truncations, self.decrypt_helper)
         node.key_id = open_file.key_id
 
     def _note_own_change(self, node: Inode, st: os.stat_result | None = None) -> None:

@@ -27,6 +27,7 @@ from .fs import KmsfsOperations
 from .keyregistry import KeyRegistry, key_changes_settled
 from .keystore import HsmError, KeyStore
 from .kms import KeyService, KmsError
+from .decrypthelper import DecryptHelper
 from .prefetch import Prefetcher
 from .pkcs11uri import Pkcs11Uri, UriError
 from .mounttable import is_mountpoint
@@ -105,7 +106,8 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 #: Mount options that kmsfs itself takes (not passed to FUSE).
 KMSFS_OPTIONS = frozenset({"writeback_cache", "libfuse_init"})
 #: kmsfs's own options that take a value (``name=value``).
-KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "client_spin_us", "dek_cache", "dek_cache_seconds"})
+KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "client_spin_us", "dek_cache", "dek_cache_seconds",
+                                 "decrypt_helper"})
 
 #: The kernel's readahead window for the mount, in KiB, set at mount time when
 #: running as root (through /sys/class/bdi).  FUSE's default is 128 KiB, so a
@@ -323,6 +325,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "dek_cache": envelope.dek_cache.stats() if envelope.dek_cache is not None else None,
                 "prefetch": ops.prefetcher.stats() if ops.prefetcher is not None else None,
                 "client_spin": ops.client_spinner.stats() if ops.client_spinner is not None else None,
+                "decrypt_helper": ops.decrypt_helper.stats() if ops.decrypt_helper is not None else None,
                 "write_requests": dict(ops.write_requests),
                 "fuse_init": None if ops.init_flags is None else {
                     "flags": hex(ops.init_flags.flags),
@@ -425,6 +428,7 @@ def serve(
     # holding it would keep the mount alive after the daemon's death.
     ops.prefetcher = _start_prefetcher()
     ops.client_spinner = _start_client_spinner(client_spin_us, asked=client_spin_given is not None)
+    ops.decrypt_helper = _start_decrypt_helper(_whole_number_option(own_options, "decrypt_helper", 1, 1))
     try:
         pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, fuse_options, os.geteuid() == 0))
     except RuntimeError as exc:
@@ -517,6 +521,23 @@ def _start_client_spinner(idle_us: int, asked: bool) -> clientspin.ClientSpinner
     return spinner
 
 
+def _start_decrypt_helper(wanted: int) -> DecryptHelper | None:
+    """The helper of kmsfs/decrypthelper.py, where there is a second CPU for it."""
+    if not wanted:
+        log.info("decrypt helper off (-o decrypt_helper=0): the request loop decrypts every read alone")
+        return None
+    if len(os.sched_getaffinity(0)) < 2:
+        log.info("decrypt helper off: only one CPU is allowed, so it would only take turns with the loop")
+        return None
+    try:
+        helper = DecryptHelper.start()
+    except OSError as exc:  # the mount works without it, only slower on large reads
+        log.warning("could not start the decrypt helper (%s); the request loop decrypts every read alone", exc)
+        return None
+    log.info("decrypt helper: pid %d, decrypts part of each large read from the page cache", helper.pid)
+    return helper
+
+
 def _close_helpers(ops: KmsfsOperations) -> None:
     if ops.prefetcher is not None:
         ops.prefetcher.close()
@@ -527,6 +548,11 @@ def _close_helpers(ops: KmsfsOperations) -> None:
                  ops.client_spinner.wakeups, "unknown" if spun is None else f"{spun:.2f} s")
         ops.client_spinner.close()
         ops.client_spinner = None
+    if ops.decrypt_helper is not None:
+        helper = ops.decrypt_helper
+        log.info("decrypt helper: shared %d reads, failed %d", helper.shared_reads, helper.failures)
+        helper.close()
+        ops.decrypt_helper = None
 
 
 #: How often a mounted store checks for due rotations and expired deletion windows.

@@ -168,7 +168,8 @@ class Mount:
 #: Fields of .kmsfs/status that count activity rather than describe state.
 #: Reading the status is activity too (it wakes the client spin helper), so
 #: tests that check "nothing changed" compare the status without them.
-STATUS_COUNTERS = ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch", "client_spin")
+STATUS_COUNTERS = ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch", "client_spin",
+                   "decrypt_helper")
 
 
 def status_state(raw: bytes) -> dict[str, Any]:
