@@ -1,10 +1,11 @@
 """Starting and ending the daemon's long-lived helper processes.
 
-The prefetch helper (kmsfs/prefetch.py) and the client spin helper
-(kmsfs/clientspin.py) run for as long as a mount does.  Both are started
-before the mount, so that they cannot inherit /dev/fuse (a helper holding it
-would keep the mount alive after the daemon's death), and both end when the
-daemon closes their standard input.
+The prefetch helper (kmsfs/prefetch.py), the client spin helper
+(kmsfs/clientspin.py) and the decrypt helper (kmsfs/decrypthelper.py) run
+for as long as a mount does.  They are started before the mount, so that
+they cannot inherit /dev/fuse (a helper holding it would keep the mount
+alive after the daemon's death), and they end when the daemon closes their
+standard input.
 """
 
 from __future__ import annotations
