@@ -129,10 +129,6 @@ class DecryptHelper:
     def pid(self) -> int:
         return self._process.pid
 
-    @property
-    def usable(self) -> bool:
-        return not self._ended
-
     def ciphertext_buffer(self, size: int) -> memoryview | None:
         """Where to read ``size`` bytes of ciphertext for ``decrypt``; None: decrypt without the helper."""
         if self._ended or size > REGION_SIZE or threading.get_ident() != self._owner:
@@ -150,6 +146,9 @@ class DecryptHelper:
         ciphertext = self._view[:size]
         cbs = cipher.ct_block_size
         nblocks = -(-size // cbs)
+        # A tail too short to be a block is damage to report, not a request
+        # for the helper (which would refuse it as malformed).
+        cipher.plaintext_length(size, first_block)
         if nblocks < MIN_BLOCKS or self._ended:
             return cipher.decrypt(ciphertext, first_block)
         ours = nblocks - nblocks * HELPER_SHARE_EIGHTHS // 8

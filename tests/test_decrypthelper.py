@@ -117,6 +117,8 @@ def test_a_truncated_last_block_is_refused(helper: DecryptHelper, cipher: Conten
     with pytest.raises(BlockAuthError) as info:
         _through_helper(helper, cipher, ciphertext, 0)
     assert info.value.block_number == 256
+    assert helper.failures == 0  # damage, not a reason to give the helper up
+    assert helper.stats()["helper_pid"] == helper.pid
 
 
 def test_reads_go_on_when_the_helper_dies(helper: DecryptHelper, cipher: ContentCipher,
