@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -255,3 +256,32 @@ def test_the_helper_can_be_turned_off(store) -> None:
     (m.path / "f").write_bytes(data)
     assert (m.path / "f").read_bytes() == data
     m.unmount()
+
+
+def test_the_helper_ends_when_its_daemon_is_killed(store) -> None:
+    m = store.mount()
+    helper = _helper_status(m)
+    if helper is None:  # one CPU: no helper to end (see the test above)
+        assert len(os.sched_getaffinity(0)) < 2, m.log()
+        m.unmount()
+        return
+    pid = helper["helper_pid"]
+    data = os.urandom(2 << 20)
+    (m.path / "f").write_bytes(data)
+    m.kill9()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not _gone(pid):
+        time.sleep(0.01)
+    assert _gone(pid), "the decrypt helper outlived its killed daemon"
+    m = store.mount()  # and the store is fine
+    assert (m.path / "f").read_bytes() == data
+    m.unmount()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            data = fh.read()
+    except OSError:
+        return True
+    return data[data.rindex(")") + 2] == "Z"  # ended, not yet reaped by its new parent
