@@ -146,9 +146,9 @@ class DecryptHelper:
         ciphertext = self._view[:size]
         cbs = cipher.ct_block_size
         nblocks = -(-size // cbs)
-        # A tail too short to be a block is damage to report, not a request
-        # for the helper (which would refuse it as malformed).
-        cipher.plaintext_length(size, first_block)
+        # Also raises for a tail too short to be a block: damage to report,
+        # not a request for the helper (which would refuse it as malformed).
+        total = cipher.plaintext_length(size, first_block)
         if nblocks < MIN_BLOCKS or self._ended:
             return cipher.decrypt(ciphertext, first_block)
         ours = nblocks - nblocks * HELPER_SHARE_EIGHTHS // 8
@@ -158,13 +158,13 @@ class DecryptHelper:
         try:
             self._sock.send(_REQUEST.pack(cipher.key_for_decrypt_helper(), cipher.file_id, cbs,
                                           first_block + ours, ct_split, size - ct_split,
-                                          plaintext_start + pt_split))
+                                          plaintext_start + pt_split), socket.MSG_NOSIGNAL)
         except OSError as exc:
             self._give_up(f"could not send it a request ({exc})")
             return cipher.decrypt(ciphertext, first_block)
         try:
-            length = cipher.decrypt_into(ciphertext[:ct_split], first_block,
-                                         self._view[plaintext_start:plaintext_start + pt_split])
+            cipher.decrypt_into(ciphertext[:ct_split], first_block,
+                                self._view[plaintext_start:plaintext_start + pt_split])
         except BlockAuthError:
             # Its answer must still be taken, or the next request would get it.
             self._take_answer()
@@ -175,7 +175,6 @@ class DecryptHelper:
         if bad >= 0:
             raise BlockAuthError(bad, "authentication failed")
         self.shared_reads += 1
-        total = length + cipher.plaintext_length(size - ct_split, first_block + ours)
         return self._view[plaintext_start:plaintext_start + total]
 
     def _take_answer(self) -> int | None:
@@ -237,11 +236,13 @@ def _answer_for(request: bytes | bytearray, region: memoryview) -> int:
     dek, file_id, cbs, first_block, ct_offset, ct_length, pt_offset = _REQUEST.unpack(request)
     if cbs <= BLOCK_OVERHEAD or ct_length == 0 or ct_offset + ct_length > REGION_SIZE:
         return _MALFORMED
-    nblocks, rest = divmod(ct_length, cbs)
-    pt_length = ct_length - (nblocks + (1 if rest else 0)) * BLOCK_OVERHEAD
-    if (rest and rest <= BLOCK_OVERHEAD) or pt_offset < REGION_SIZE or pt_offset + pt_length > 2 * REGION_SIZE:
-        return _MALFORMED
     cipher = ContentCipher(dek, file_id, cbs - BLOCK_OVERHEAD)
+    try:
+        pt_length = cipher.plaintext_length(ct_length, first_block)
+    except BlockAuthError:  # the daemon checks the tail before it asks
+        return _MALFORMED
+    if pt_offset < REGION_SIZE or pt_offset + pt_length > 2 * REGION_SIZE:
+        return _MALFORMED
     try:
         cipher.decrypt_into(region[ct_offset:ct_offset + ct_length], first_block,
                             region[pt_offset:pt_offset + pt_length])
@@ -268,7 +269,7 @@ def serve(sock: socket.socket, region: memoryview) -> None:
         if got == 0:
             return
         answer = _answer_for(request, region) if got == _REQUEST.size else _MALFORMED
-        sock.send(_ANSWER.pack(answer))
+        sock.send(_ANSWER.pack(answer), socket.MSG_NOSIGNAL)
 
 
 def main() -> None:
