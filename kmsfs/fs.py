@@ -978,8 +978,7 @@ class KmsfsOperations(pyfuse3.Operations):
         async with inode.lock:
             if inode.open_file is None:
                 # One reference of our own, dropped after _open_handle took the handle's.
-                cipher_file = CipherFile(fd, cipher, self.truncations, self.decrypt_helper)
-                inode.open_file = OpenFile(fd, header, cipher_file, handles=1)
+                inode.open_file = OpenFile(fd, header, self._cipher_file(fd, cipher), handles=1)
                 inode.key_id = inode.open_file.key_id
             else:  # someone opened it between our create and now (another link)
                 os.close(fd)
@@ -1250,7 +1249,11 @@ class KmsfsOperations(pyfuse3.Operations):
                 cipher = await self._hsm(functools.partial(self.envelope.open, look_in_cache=False), header)
             except (HsmError, KeyNotFound, KeyUnusable) as exc:
                 raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
-        return OpenFile(fd, header, CipherFile(fd, cipher, self.truncations, self.decrypt_helper))
+        return OpenFile(fd, header, self._cipher_file(fd, cipher))
+
+    def _cipher_file(self, fd: int, cipher: ContentCipher) -> CipherFile:
+        """A backing file's content I/O, with this mount's truncation journal and decrypt helper."""
+        return CipherFile(fd, cipher, self.truncations, self.decrypt_helper)
 
     def _require_store_geometry(self, node: Inode, header: Header) -> None:
         if header.block_size != self.block_size or header.version != self.envelope.format_version:
@@ -1266,7 +1269,7 @@ class KmsfsOperations(pyfuse3.Operations):
         header, cipher = await self._hsm(self.envelope.seal_new, key, b"")
         os.setxattr(open_file.fd, HEADER_XATTR, header.to_bytes())
         open_file.header = header
-        open_file.cipher_file = CipherFile(open_file.fd, cipher, self.truncations, self.decrypt_helper)
+        open_file.cipher_file = self._cipher_file(open_file.fd, cipher)
         node.key_id = open_file.key_id
 
     def _note_own_change(self, node: Inode, st: os.stat_result | None = None) -> None:
