@@ -124,6 +124,11 @@ READ_AHEAD_KB_MAX = 1 << 20
 SPIN_US = round(fuseloop.SPIN_INTERVAL * 1e6)
 SPIN_US_MAX = 10_000
 
+#: ``-o decrypt_helper=0`` turns off the helper of kmsfs/decrypthelper.py (1, the
+#: default, starts it where two or more CPUs are allowed).
+DECRYPT_HELPER = 1
+DECRYPT_HELPER_MAX = 1
+
 #: ``-o client_spin_us=N``: how long after a client's last request a
 #: helper process keeps that client's CPU awake (kmsfs/clientspin.py explains
 #: why); 0 turns the helper off.  Without the option it runs where exactly two
@@ -428,7 +433,8 @@ def serve(
     # holding it would keep the mount alive after the daemon's death.
     ops.prefetcher = _start_prefetcher()
     ops.client_spinner = _start_client_spinner(client_spin_us, asked=client_spin_given is not None)
-    ops.decrypt_helper = _start_decrypt_helper(_whole_number_option(own_options, "decrypt_helper", 1, 1))
+    ops.decrypt_helper = _start_decrypt_helper(
+        _whole_number_option(own_options, "decrypt_helper", DECRYPT_HELPER, DECRYPT_HELPER_MAX))
     try:
         pyfuse3.init(ops, str(mountpoint), _fuse_options(backing, fuse_options, os.geteuid() == 0))
     except RuntimeError as exc:

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmsfs.mount import (
-    _fuse_options, _given_whole_number, _mount_device, _option_value, _split_options, _unescape_mount_path,
-    _whole_number_option,
+    DECRYPT_HELPER, DECRYPT_HELPER_MAX, _fuse_options, _given_whole_number, _mount_device, _option_value,
+    _split_options, _unescape_mount_path, _whole_number_option,
 )
 from pagecache import resident_pages
 
@@ -76,6 +76,15 @@ def test_whole_number_options(name, default, maximum, value, good, caplog):
     # Only a good value counts as given (-o client_spin_us=N asks for the helper).
     assert _given_whole_number(own, name, default, maximum) == (None if value is None or not good else expected)
     assert (f"ignoring -o {name}={value}" in caplog.text) == (not good)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, 1), ("1", 1), ("0", 0), ("2", 1), ("-1", 1), ("yes", 1), ("", 1),
+])
+def test_decrypt_helper_option_is_0_or_1(value, expected, caplog):
+    own = set() if value is None else {f"decrypt_helper={value}"}
+    assert _whole_number_option(own, "decrypt_helper", DECRYPT_HELPER, DECRYPT_HELPER_MAX) == expected
+    assert (f"ignoring -o decrypt_helper={value}" in caplog.text) == (value not in (None, "0", "1"))
 
 
 def test_mount_takes_spin_us_and_serves_either_way(store):
