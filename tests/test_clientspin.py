@@ -130,13 +130,19 @@ def test_a_helper_that_died_is_reported_once_and_requests_go_on(spinner, caplog)
 
 def test_a_full_wake_up_pipe_neither_blocks_nor_fails_a_request(spinner, caplog):
     assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
-    os.kill(spinner.pid, signal.SIGSTOP)  # it cannot drain the pipe meanwhile
     try:
-        while True:  # fill the pipe as a long run of wake-ups would
-            try:
-                os.write(spinner._wake_fd, b"\1" * 4096)
-            except BlockingIOError:
-                break
+        os.kill(spinner.pid, signal.SIGSTOP)  # it cannot drain the pipe meanwhile
+        # Stopped for sure: a signal is delivered after kill(2) returns, and a
+        # helper still running would read wake-ups out of the pipe being filled.
+        assert _wait_for(lambda: _state(spinner.pid) == "T")
+        # Fill the pipe as a long run of wake-ups would: to the last byte, since
+        # a 4 KiB write is refused (atomic) while up to 4095 bytes still fit.
+        for chunk in (b"\1" * 4096, b"\1"):
+            while True:
+                try:
+                    os.write(spinner._wake_fd, chunk)
+                except BlockingIOError:
+                    break
         woken = spinner.wakeups
         with caplog.at_level(logging.WARNING, logger="kmsfs.clientspin"):
             for _ in range(3):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,7 +142,11 @@ def test_a_helper_that_does_not_answer_is_given_up(cipher: ContentCipher, monkey
     monkeypatch.setattr(decrypthelper, "ANSWER_TIMEOUT", 0.3)
     h = DecryptHelper.start()
     try:
-        os.kill(h.pid, 19)  # SIGSTOP: alive, but silent
+        os.kill(h.pid, signal.SIGSTOP)  # alive, but silent
+        deadline = time.monotonic() + 10  # stopped for sure: delivery follows kill(2)
+        while time.monotonic() < deadline and _state(h.pid) != "T":
+            time.sleep(0.005)
+        assert _state(h.pid) == "T"
         plaintext = os.urandom(BS * 128)
         assert _through_helper(h, cipher, bytes(cipher.encrypt(plaintext, 0)), 0) == plaintext
         assert h.failures == 1
@@ -278,10 +283,15 @@ def test_the_helper_ends_when_its_daemon_is_killed(store) -> None:
     m.unmount()
 
 
+def _state(pid: int) -> str:
+    """R (running), S (sleeping), T (stopped), Z, ... from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        data = fh.read()
+    return data[data.rindex(")") + 2]
+
+
 def _gone(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            data = fh.read()
+        return _state(pid) == "Z"  # ended, not yet reaped by its new parent
     except OSError:
         return True
-    return data[data.rindex(")") + 2] == "Z"  # ended, not yet reaped by its new parent
