@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,3 +208,28 @@ def mounted(store: Store) -> Iterator[Mount]:
 
 def backing_path(mount: Mount, name: str) -> Path:
     return mount.store.backing / name
+
+
+def process_state(pid: int) -> str:
+    """R (running), S (sleeping), T (stopped), Z, ... from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        data = fh.read()
+    return data[data.rindex(")") + 2]
+
+
+def process_gone(pid: int) -> bool:
+    """Ended: no such process, or one not yet reaped by its new parent."""
+    try:
+        return process_state(pid) == "Z"
+    except OSError:
+        return True
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``predicate`` became true within ``timeout`` seconds (polled every 5 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()

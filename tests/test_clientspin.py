@@ -20,15 +20,9 @@ import time
 
 import pytest
 
+from conftest import process_gone, process_state, wait_for
 from kmsfs import clientspin
 from kmsfs.clientspin import ClientSpinner
-
-
-def _state(pid: int) -> str:
-    """R (running), S (sleeping), Z, ... from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
-        data = fh.read()
-    return data[data.rindex(")") + 2]
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -36,14 +30,6 @@ def _cpu_ticks(pid: int) -> int:
         fields = fh.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
 
-
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 def _sleeping_flag(spinner: ClientSpinner) -> int:
@@ -63,10 +49,10 @@ def spinner():
 
 def test_the_helper_runs_at_idle_priority_and_sleeps_while_no_request_comes(spinner):
     # Its first act, before it maps the shared page (it starts at normal priority).
-    assert _wait_for(lambda: os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE)
+    assert wait_for(lambda: os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE)
     # No request yet: after its idle window it says so and blocks on its pipe.
-    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
-    assert _wait_for(lambda: _state(spinner.pid) == "S")
+    assert wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert wait_for(lambda: process_state(spinner.pid) == "S")
     ticks = _cpu_ticks(spinner.pid)
     time.sleep(0.3)
     assert _cpu_ticks(spinner.pid) - ticks <= 1  # asleep, not spinning
@@ -74,7 +60,7 @@ def test_the_helper_runs_at_idle_priority_and_sleeps_while_no_request_comes(spin
 
 
 def test_a_request_wakes_the_helper_and_it_spins_while_requests_come(spinner):
-    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert wait_for(lambda: _sleeping_flag(spinner) == 1)
     spinner.note_request()
     assert spinner.wakeups == 1
     assert _sleeping_flag(spinner) == 0  # cleared by the daemon before the wake-up byte
@@ -93,20 +79,20 @@ def test_a_request_wakes_the_helper_and_it_spins_while_requests_come(spinner):
     # 3,000 requests; a helper that slept between them would be woken ~3,000 times.
     assert spinner.wakeups <= 2 + long_pauses  # plus one lost race at the start (see spin())
     # Then quiet: it goes back to sleep within its idle window.
-    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
-    assert _wait_for(lambda: _state(spinner.pid) == "S")
+    assert wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert wait_for(lambda: process_state(spinner.pid) == "S")
 
 
 def test_close_ends_the_helper_also_while_it_spins(spinner):
-    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert wait_for(lambda: _sleeping_flag(spinner) == 1)
     spinner.note_request()
-    assert _wait_for(lambda: _sleeping_flag(spinner) == 0 and _state(spinner.pid) == "R")
+    assert wait_for(lambda: _sleeping_flag(spinner) == 0 and process_state(spinner.pid) == "R")
     spinner.close()
     assert spinner._process.returncode == 0
 
 
 def test_the_helper_ignores_ctrl_c_and_ends_when_the_daemon_dies(spinner):
-    assert _wait_for(lambda: os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE)  # set up: signals ignored
+    assert wait_for(lambda: os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE)  # set up: signals ignored
     os.kill(spinner.pid, signal.SIGINT)
     os.kill(spinner.pid, signal.SIGHUP)
     time.sleep(0.1)
@@ -118,7 +104,7 @@ def test_the_helper_ignores_ctrl_c_and_ends_when_the_daemon_dies(spinner):
 
 
 def test_a_helper_that_died_is_reported_once_and_requests_go_on(spinner, caplog):
-    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert wait_for(lambda: _sleeping_flag(spinner) == 1)
     spinner._process.kill()
     spinner._process.wait()
     with caplog.at_level(logging.WARNING, logger="kmsfs.clientspin"):
@@ -129,12 +115,12 @@ def test_a_helper_that_died_is_reported_once_and_requests_go_on(spinner, caplog)
 
 
 def test_a_full_wake_up_pipe_neither_blocks_nor_fails_a_request(spinner, caplog):
-    assert _wait_for(lambda: _sleeping_flag(spinner) == 1)
+    assert wait_for(lambda: _sleeping_flag(spinner) == 1)
     try:
         os.kill(spinner.pid, signal.SIGSTOP)  # it cannot drain the pipe meanwhile
         # Stopped for sure: a signal is delivered after kill(2) returns, and a
         # helper still running would read wake-ups out of the pipe being filled.
-        assert _wait_for(lambda: _state(spinner.pid) == "T")
+        assert wait_for(lambda: process_state(spinner.pid) == "T")
         # Fill the pipe as a long run of wake-ups would: to the last byte, since
         # a 4 KiB write is refused (atomic) while up to 4095 bytes still fit.
         for chunk in (b"\1" * 4096, b"\1"):
@@ -264,7 +250,7 @@ def test_a_mount_with_the_helper_serves_small_io_and_ends_it_at_unmount(store):
         assert pid is None and "only one CPU is allowed" in m.log()
     else:
         assert pid is not None, m.log()
-        assert _wait_for(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE)
+        assert wait_for(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE)
     # Small writes and reads at scattered offsets, checked against a model.
     model = bytearray(256 * 1024)
     path = m.path / "small-io"
@@ -294,12 +280,6 @@ def test_a_mount_with_the_helper_serves_small_io_and_ends_it_at_unmount(store):
     m.unmount()
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return _state(pid) == "Z"  # ended, not yet reaped by its new parent
-    except OSError:
-        return True
-
 
 def test_the_helper_ends_when_its_daemon_is_killed(store):
     m = store.mount(None, "client_spin_us=1000")
@@ -310,12 +290,12 @@ def test_the_helper_ends_when_its_daemon_is_killed(store):
         return
     (m.path / "f").write_bytes(b"x" * 10000)  # small writes: it spins
     m.kill9()
-    assert _wait_for(lambda: _gone(pid), 10), "the helper outlived its killed daemon"
+    assert wait_for(lambda: process_gone(pid), 10), "the helper outlived its killed daemon"
 
 
 def _asleep(pid: int) -> bool:
     """The helper sleeps in its pipe read (it set its sleeping flag first)."""
-    return _wait_for(lambda: _state(pid) == "S", 10)
+    return wait_for(lambda: process_state(pid) == "S", 10)
 
 
 def _wakeups(m) -> int:

@@ -13,13 +13,12 @@ import logging
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import backing_path
+from conftest import backing_path, process_gone, process_state, wait_for
 from kmsfs import decrypthelper
 from kmsfs.cipherfile import CipherFile
 from kmsfs.contentcrypt import BlockAuthError, ContentCipher
@@ -143,10 +142,7 @@ def test_a_helper_that_does_not_answer_is_given_up(cipher: ContentCipher, monkey
     h = DecryptHelper.start()
     try:
         os.kill(h.pid, signal.SIGSTOP)  # alive, but silent
-        deadline = time.monotonic() + 10  # stopped for sure: delivery follows kill(2)
-        while time.monotonic() < deadline and _state(h.pid) != "T":
-            time.sleep(0.005)
-        assert _state(h.pid) == "T"
+        assert wait_for(lambda: process_state(h.pid) == "T")  # stopped for sure: delivery follows kill(2)
         plaintext = os.urandom(BS * 128)
         assert _through_helper(h, cipher, bytes(cipher.encrypt(plaintext, 0)), 0) == plaintext
         assert h.failures == 1
@@ -274,24 +270,8 @@ def test_the_helper_ends_when_its_daemon_is_killed(store) -> None:
     data = os.urandom(2 << 20)
     (m.path / "f").write_bytes(data)
     m.kill9()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not _gone(pid):
-        time.sleep(0.01)
-    assert _gone(pid), "the decrypt helper outlived its killed daemon"
+    assert wait_for(lambda: process_gone(pid)), "the decrypt helper outlived its killed daemon"
     m = store.mount()  # and the store is fine
     assert (m.path / "f").read_bytes() == data
     m.unmount()
 
-
-def _state(pid: int) -> str:
-    """R (running), S (sleeping), T (stopped), Z, ... from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
-        data = fh.read()
-    return data[data.rindex(")") + 2]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return _state(pid) == "Z"  # ended, not yet reaped by its new parent
-    except OSError:
-        return True
