@@ -47,6 +47,7 @@ from .format import (
 from .keyregistry import KeyNotFound, KeyRecord, KeyRegistry
 from .keystore import HsmError
 from .decrypthelper import DecryptHelper
+from .headermemo import HeaderMemo
 from .prefetch import Prefetcher, start_reading
 from .kms import Caller, KeyService, KmsError, RewrapProgress
 from .rewrap import rewrap_key
@@ -386,6 +387,11 @@ class KmsfsOperations(pyfuse3.Operations):
         #: CPU (kmsfs/decrypthelper.py); None: the loop decrypts alone.  Set and
         #: closed by the mount, before any file is opened.
         self.decrypt_helper: DecryptHelper | None = None
+        #: Headers as last read, for files unchanged since (kmsfs/headermemo.py);
+        #: None where the backing filesystem's ctimes cannot vouch for that.
+        self.header_memo: HeaderMemo | None = None
+        #: The one device the memo is for: the store's own, where ctimes were checked.
+        self.header_memo_dev = -1
 
     # ================================================================ inode table
 
@@ -1220,7 +1226,7 @@ class KmsfsOperations(pyfuse3.Operations):
 
     async def _load(self, node: Inode, fd: int) -> OpenFile:
         try:
-            raw = os.getxattr(fd, HEADER_XATTR)
+            raw = self._stored_header(fd)
         except OSError as exc:
             if exc.errno != errno.ENODATA:
                 raise
@@ -1250,6 +1256,25 @@ class KmsfsOperations(pyfuse3.Operations):
             except (HsmError, KeyNotFound, KeyUnusable) as exc:
                 raise type(exc)(f"{self._path_for_log(node)}: {exc}") from None
         return OpenFile(fd, header, self._cipher_file(fd, cipher))
+
+    def _stored_header(self, fd: int) -> bytes:
+        """The backing file's header xattr, from the header memo if the file is unchanged since it was read.
+
+        OSError as from getxattr: ENODATA for a file without one.
+        """
+        memo = self.header_memo
+        if memo is None:
+            return os.getxattr(fd, HEADER_XATTR)
+        st = os.fstat(fd)
+        if st.st_dev != self.header_memo_dev:
+            return os.getxattr(fd, HEADER_XATTR)
+        key, stamp = (st.st_dev, st.st_ino), _stamp(st)
+        raw = memo.get(key, stamp)
+        if raw is None:
+            # The stamp was taken before the read: see HeaderMemo.put.
+            raw = os.getxattr(fd, HEADER_XATTR)
+            memo.put(key, stamp, raw)
+        return raw
 
     def _cipher_file(self, fd: int, cipher: ContentCipher) -> CipherFile:
         """A backing file's content I/O, with this mount's truncation journal and decrypt helper."""
@@ -1288,9 +1313,30 @@ class KmsfsOperations(pyfuse3.Operations):
             node.open_file = None
             # Dropping the cipher drops the unwrapped DEK: it lives only while open.
             open_file.cipher_file = None
+            if open_file.header is not None and self.header_memo is not None:
+                self._remember_header_at_close(open_file.fd, self.header_memo)
             os.close(open_file.fd)
             if node.nlookup <= 0 and node.ino != pyfuse3.ROOT_INODE:
                 self._forget_one(node, 0)
+
+    def _remember_header_at_close(self, fd: int, memo: HeaderMemo) -> None:
+        """Read the header again as the last handle closes, if the file changed since it was read.
+
+        A file written or changed while open (its stamp moved), or created by
+        this mount, has no header in the memo that matches it; the header is
+        still in the page cache now, so this costs no disk read, and the next
+        open, maybe after the caches were dropped, none either.
+        """
+        try:
+            st = os.fstat(fd)
+            if st.st_dev != self.header_memo_dev:
+                return
+            key, stamp = (st.st_dev, st.st_ino), _stamp(st)
+            if not memo.holds(key, stamp):
+                memo.put(key, stamp, os.getxattr(fd, HEADER_XATTR))
+        except OSError as exc:
+            # Removed behind our back, say: the next open finds out and says so.
+            log.debug("header not remembered at close: %s", exc)
 
     def _file_handle(self, fh: int) -> FileHandle:
         handle = self._handles.get(fh)

@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from .dekcache import DekCache
+from .headermemo import HeaderMemo
 from .envelope import Envelope
 from . import clientspin, fuseinit, fuseloop
 from .fs import KmsfsOperations
@@ -31,7 +32,7 @@ from .decrypthelper import DecryptHelper
 from .prefetch import Prefetcher
 from .pkcs11uri import Pkcs11Uri, UriError
 from .mounttable import is_mountpoint
-from .store import StoreError, check_user_xattrs, load_config, store_dir
+from .store import StoreError, check_user_xattrs, ctime_moves_after_stat, load_config, store_dir
 from .truncation import TruncationJournal
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,11 @@ DEK_CACHE = 8192
 DEK_CACHE_MAX = 1 << 20
 DEK_CACHE_SECONDS = 300
 DEK_CACHE_SECONDS_MAX = 86_400
+
+#: How many backing files' headers the daemon remembers (kmsfs/headermemo.py):
+#: about 300 bytes each.  Twice the DEK cache: a header read from memory saves
+#: a disk read whether or not the DEK is still cached.
+HEADER_MEMO = 16384
 
 
 def _split_options(extra: list[str]) -> tuple[set[str], set[str]]:
@@ -331,6 +337,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "prefetch": ops.prefetcher.stats() if ops.prefetcher is not None else None,
                 "client_spin": ops.client_spinner.stats() if ops.client_spinner is not None else None,
                 "decrypt_helper": ops.decrypt_helper.stats() if ops.decrypt_helper is not None else None,
+                "header_memo": ops.header_memo.stats() if ops.header_memo is not None else None,
                 "write_requests": dict(ops.write_requests),
                 "fuse_init": None if ops.init_flags is None else {
                     "flags": hex(ops.init_flags.flags),
@@ -342,10 +349,22 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
             }
 
         ops = KmsfsOperations(backing, envelope, registry, config.block_size, kms, status)
+        ops.header_memo, ops.header_memo_dev = _header_memo(backing)
     except BaseException:
         keystore.close()
         raise
     return ops, keystore
+
+
+def _header_memo(backing: Path) -> tuple[HeaderMemo | None, int]:
+    """The header memo (kmsfs/headermemo.py) and the device it serves, if the store's ctimes allow one."""
+    directory = store_dir(backing)
+    if not ctime_moves_after_stat(directory):
+        log.info("header memo off: on this filesystem a change right after a stat may keep the file's ctime, "
+                 "so every open reads its header from the backing file")
+        return None, -1
+    log.info("header memo: the headers of up to %d files are remembered while the files are unchanged", HEADER_MEMO)
+    return HeaderMemo(HEADER_MEMO), os.stat(directory).st_dev
 
 
 def _raise_fd_limit() -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,42 @@ def check_user_xattrs(directory: Path) -> None:
             f"({os.strerror(exc.errno or 0)}); kmsfs keeps each file's wrapped key in the "
             f"xattr user.kmsfs. Use ext4, XFS, btrfs or tmpfs, or mount with user_xattr."
         ) from exc
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+#: Changes made by ctime_moves_after_stat, and the longest it may take for them:
+#: a slower filesystem could give each change a new clock tick by chance.
+CTIME_PROBE_CHANGES = 8
+CTIME_PROBE_SECONDS = 0.001
+
+
+def ctime_moves_after_stat(directory: Path) -> bool:
+    """Whether a change made right after a ``stat`` always gives a file a new ctime.
+
+    Timestamps of clock-tick granularity (1 to 10 ms) give every change within
+    one tick the same ctime; Linux 6.13 and later hand out a finer one to the
+    first change after a stat ("multigrain" timestamps, on ext4, XFS, btrfs and
+    tmpfs).  The daemon trusts a remembered header only while the file's stamp
+    is unchanged (kmsfs/headermemo.py), which needs the latter.  Tested here as
+    it is used: stat, change an xattr, stat, several times within a fraction of
+    a tick.  False when the changes took too long to tell, or on any error.
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kmsfs-ctime-probe.", dir=directory)
+    except OSError:
+        return False
+    try:
+        start = time.monotonic()
+        seen = [os.fstat(fd).st_ctime_ns]
+        for turn in range(CTIME_PROBE_CHANGES):
+            os.setxattr(fd, PROBE_XATTR, str(turn).encode())
+            seen.append(os.fstat(fd).st_ctime_ns)
+        quick = time.monotonic() - start < CTIME_PROBE_SECONDS
+        return quick and all(before < after for before, after in zip(seen, seen[1:]))
+    except OSError:
+        return False
     finally:
         os.close(fd)
         os.unlink(probe)

@@ -169,7 +169,7 @@ class Mount:
 #: Reading the status is activity too (it wakes the client spin helper), so
 #: tests that check "nothing changed" compare the status without them.
 STATUS_COUNTERS = ("open_files", "known_inodes", "hsm_calls", "dek_cache", "prefetch", "client_spin",
-                   "decrypt_helper")
+                   "decrypt_helper", "header_memo")
 
 
 def status_state(raw: bytes) -> dict[str, Any]:

@@ -342,7 +342,7 @@ def test_control_directory_lists_its_files_and_readme_names_them(mounted):
         assert word in readme, word
     # The status fields it names are the status's own (a new one must be added to both).
     status = json.loads((c / "status").read_bytes())
-    for field in ("hsm_calls", "dek_cache", "prefetch", "client_spin"):
+    for field in ("hsm_calls", "dek_cache", "prefetch", "client_spin", "decrypt_helper", "header_memo"):
         assert field in readme and field in status, field
 
 
