@@ -121,7 +121,8 @@ def _uncounted(fn: F) -> F:
     Nobody waits for FORGET (it has no reply) or RELEASE (the kernel sends it
     after close(2) has returned).  READ and WRITE count themselves, small
     requests only: a sequential reader or writer of 1 MiB requests keeps both
-    CPUs busy without help.
+    CPUs busy without help.  OPEN holds the count off instead
+    (ClientSpinner.note_open).
     """
     fn._counted = False  # type: ignore[attr-defined]
     return fn
@@ -133,7 +134,8 @@ def _fuse_op(fn: F) -> F:
     And keep the sender's CPU awake while it waits for the answer
     (kmsfs/clientspin.py): one store in a shared page.  Every kind of request
     counts, since a program walking a tree (``ls -lR``, ``tar``, ``find``)
-    waits on LOOKUP, GETATTR, GETXATTR, OPEN and READDIR as much as on READ.
+    waits on LOOKUP, GETATTR, GETXATTR and READDIR as much as on READ (but
+    see ClientSpinner.note_open for OPEN).
     What it gave is in docs/operations.md: the most under steal, where a cold
     ``ls -lR`` took 0.25-0.50 s instead of 0.32-1.74 s.
     """
@@ -1012,7 +1014,12 @@ class KmsfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct), self._attrs(inode, st)
 
     @_fuse_op
+    @_uncounted
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.client_spinner is not None:
+            # A program opening file after file (tar, cp -r, grep -r) is slower
+            # with the helper spinning: see ClientSpinner.note_open.
+            self.client_spinner.note_open()
         if inode >= CONTROL_BASE:
             handle = await self.control.open(self.control.node(inode), flags, self._caller(ctx))
             # direct_io: control files are answered fresh on every read, never cached.
