@@ -76,8 +76,5 @@ class HeaderMemo:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def discard(self, key: Hashable) -> None:
-        self._entries.pop(key, None)
-
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses}
