@@ -1270,18 +1270,22 @@ class KmsfsOperations(pyfuse3.Operations):
         OSError as from getxattr: ENODATA for a file without one.
         """
         memo = self.header_memo
-        if memo is None:
+        slot = self._memo_slot(fd) if memo is not None else None
+        if memo is None or slot is None:
             return os.getxattr(fd, HEADER_XATTR)
-        st = os.fstat(fd)
-        if st.st_dev != self.header_memo_dev:
-            return os.getxattr(fd, HEADER_XATTR)
-        key, stamp = (st.st_dev, st.st_ino), _stamp(st)
-        raw = memo.get(key, stamp)
+        raw = memo.get(*slot)
         if raw is None:
             # The stamp was taken before the read: see HeaderMemo.put.
             raw = os.getxattr(fd, HEADER_XATTR)
-            memo.put(key, stamp, raw)
+            memo.put(*slot, raw)
         return raw
+
+    def _memo_slot(self, fd: int) -> tuple[tuple[int, int], tuple[int, int, int]] | None:
+        """The header memo's key and the file's stamp, now; None for a file on another device."""
+        st = os.fstat(fd)
+        if st.st_dev != self.header_memo_dev:
+            return None
+        return (st.st_dev, st.st_ino), _stamp(st)
 
     def _cipher_file(self, fd: int, cipher: ContentCipher) -> CipherFile:
         """A backing file's content I/O, with this mount's truncation journal and decrypt helper."""
@@ -1335,12 +1339,9 @@ class KmsfsOperations(pyfuse3.Operations):
         open, maybe after the caches were dropped, none either.
         """
         try:
-            st = os.fstat(fd)
-            if st.st_dev != self.header_memo_dev:
-                return
-            key, stamp = (st.st_dev, st.st_ino), _stamp(st)
-            if not memo.holds(key, stamp):
-                memo.put(key, stamp, os.getxattr(fd, HEADER_XATTR))
+            slot = self._memo_slot(fd)
+            if slot is not None and not memo.holds(*slot):
+                memo.put(*slot, os.getxattr(fd, HEADER_XATTR))
         except OSError as exc:
             # Removed behind our back, say: the next open finds out and says so.
             log.debug("header not remembered at close: %s", exc)
