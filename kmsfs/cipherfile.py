@@ -17,19 +17,24 @@ crash in between loses nothing.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from . import directstream
 from .contentcrypt import BlockAuthError, ContentCipher
 from .decrypthelper import MIN_BLOCKS as MIN_SHARED_BLOCKS
 from .decrypthelper import DecryptHelper
+from .directstream import DIRECT_ALIGN, DirectReadError, DirectStream
 from .format import BLOCK_OVERHEAD, ciphertext_size, plaintext_size_lenient
+from .pagecache import none_cached
 from .truncation import TruncationJournal
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Worker threads take turns at bulk crypto (see _bulk_crypto).
 _BULK_CRYPTO = threading.Lock()
@@ -37,6 +42,11 @@ _MAIN_THREAD = threading.main_thread().ident
 #: Reads of at least this many blocks look for holes first (one lseek): the
 #: kernel's readahead requests are that large, random small reads are not.
 HOLE_CHECK_MIN_BLOCKS = 16
+
+
+#: Reads of at least this many blocks (256 KiB) whose range the page cache
+#: holds none of may go around it (see CipherFile._read_streamed).
+DIRECT_MIN_BLOCKS = 64
 
 
 class WouldBlock(Exception):
@@ -101,10 +111,11 @@ def _scratch(size: int) -> memoryview:
 
 
 class CipherFile:
-    __slots__ = ("fd", "cipher", "bs", "cbs", "journal", "decrypt_helper", "_dense_below")
+    __slots__ = ("fd", "cipher", "bs", "cbs", "journal", "decrypt_helper", "_dense_below", "_direct_ok",
+                 "_stream", "_stream_lock", "_stream_hint")
 
     def __init__(self, fd: int, cipher: ContentCipher, journal: TruncationJournal | None = None,
-                 decrypt_helper: DecryptHelper | None = None) -> None:
+                 decrypt_helper: DecryptHelper | None = None, direct_reads: bool = True) -> None:
         self.fd = fd
         self.cipher = cipher
         #: Shares the decryption of large reads from the page cache (kmsfs/decrypthelper.py).
@@ -117,6 +128,18 @@ class CipherFile:
         #: not asked yet.  A hint for speed, like every hole check here (see
         #: _may_have_hole); nothing read depends on it.
         self._dense_below: int | None = None
+        #: Large reads of ranges outside the page cache may go around it
+        #: (kmsfs/directstream.py): only where blocks are aligned for O_DIRECT
+        #: (format 2), and until O_DIRECT fails for this file.
+        self._direct_ok = direct_reads and self.cbs % DIRECT_ALIGN == 0
+        self._stream: DirectStream | None = None
+        self._stream_lock = threading.Lock()
+        #: Where the last large read ended: a stream may start there.
+        self._stream_hint = -1
+
+    def close(self) -> None:
+        """End the stream, if any (it closes its own descriptor); the caller closes ``fd``."""
+        self.drop_stream()
 
     # ------------------------------------------------------------------ sizes
 
@@ -137,8 +160,14 @@ class CipherFile:
         still starts the kernel's readahead), or when the file system cannot
         tell.  The request loop reads inline this way and leaves disk waits
         to worker threads.
+
+        A large read of blocks that the page cache holds none of may be
+        served from a DirectStream instead (_read_streamed); with ``nowait``
+        it raises WouldBlock while the stream's chunks are still being read.
         """
-        ct_size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        ct_size = st.st_size
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, ct_size)
         size = plaintext_size_lenient(ct_size, self.bs)
         if length > 0 and offset + length >= size and ct_size > ciphertext_size(size, self.bs):
             # The tail is too short to be a block: truncated by someone else.
@@ -158,9 +187,9 @@ class CipherFile:
             # fio 4k randrw on a 256 MiB file made by truncate and read once:
             # 4.1k-4.4k read IOPS before this check, 5.2k-5.9k with it.
             with self._without_readahead():
-                plain = self._read_span(first, count, ct_size, nowait)
+                plain = self._read_span(first, count, ct_size, stamp, nowait)
         else:
-            plain = self._read_span(first, count, ct_size, nowait)
+            plain = self._read_span(first, count, ct_size, stamp, nowait)
         start = offset - first * self.bs
         return memoryview(plain)[start:start + end - offset]
 
@@ -185,10 +214,85 @@ class CipherFile:
         if self._dense_below is not None and position < self._dense_below:
             self._dense_below = position
 
-    def _read_span(self, first: int, count: int, ct_size: int, nowait: bool) -> bytearray | memoryview:
+    def _read_span(self, first: int, count: int, ct_size: int, stamp: tuple[int, int, int],
+                   nowait: bool) -> bytearray | memoryview:
+        if count >= DIRECT_MIN_BLOCKS and self._direct_ok:
+            position = first * self.cbs
+            want = min(count * self.cbs, ct_size - position)
+            plain = self._read_streamed(first, want, stamp, nowait)
+            self._stream_hint = position + want
+            if plain is not None:
+                return plain
         if nowait:
             return self._read_blocks_cached(first, count, ct_size)
         return self._read_blocks(first, count)
+
+    def _read_streamed(self, first: int, want: int, stamp: tuple[int, int, int],
+                       nowait: bool) -> bytearray | memoryview | None:
+        """The ``want`` bytes of blocks from ``first`` on, decrypted, from this file's DirectStream.
+
+        None when no stream serves this read: it neither starts the file nor
+        continues where the last large read ended, or the page cache holds
+        some of it, or a stream cannot be had.  Raises WouldBlock if
+        ``nowait`` and its chunks are still being read.
+        """
+        stream = self._stream_for(first * self.cbs, want, stamp)
+        if stream is None:
+            return None
+        helper = self.decrypt_helper if nowait else None
+        buffer = helper.ciphertext_buffer(want) if helper is not None else None
+        if buffer is None:
+            helper = None
+            buffer = _scratch(want)
+        try:
+            if not stream.copy_into(first * self.cbs, want, buffer, wait=not nowait):
+                raise WouldBlock()
+        except DirectReadError as exc:
+            log.info("backing fd %d: reading through the page cache from now on (%s)", self.fd, exc)
+            directstream.note_fallback()
+            if exc.lasting:
+                self._direct_ok = False
+            self.drop_stream(stream)
+            return None
+        if helper is not None:
+            return helper.decrypt(self.cipher, want, first)
+        return _bulk_crypto(self.cipher.decrypt, buffer, first)
+
+    def _stream_for(self, position: int, want: int, stamp: tuple[int, int, int]) -> DirectStream | None:
+        """The stream this read continues, or a new one if it may start one."""
+        with self._stream_lock:
+            stream = self._stream
+            if stream is not None:
+                if stream.follows(position, stamp):
+                    return stream
+                self._stream = None
+                stream.close()
+            # The kernel's 1 MiB requests share a block with the one before
+            # (1 MiB is not a whole number of 4,068-byte blocks), which that
+            # read may have brought into the page cache: only what is new counts.
+            if position == 0:
+                new = 0
+            elif self._stream_hint - self.cbs <= position <= self._stream_hint:
+                new = self._stream_hint
+            else:
+                return None
+            if not none_cached(self.fd, new, position + want - new):
+                return None
+            try:
+                self._stream = DirectStream.start(self.fd, stamp, position)
+            except DirectReadError as exc:
+                log.info("backing fd %d: reading through the page cache (%s)", self.fd, exc)
+                self._direct_ok = False
+            return self._stream
+
+    def drop_stream(self, stream: DirectStream | None = None) -> None:
+        """End the stream (only if it is still ``stream``, when given): the file changed or is closing."""
+        with self._stream_lock:
+            current = self._stream
+            if current is None or (stream is not None and current is not stream):
+                return
+            self._stream = None
+        current.close()
 
     @contextmanager
     def _without_readahead(self) -> Iterator[None]:
@@ -267,6 +371,7 @@ class CipherFile:
         length = len(data)
         if length == 0:
             return 0
+        self.drop_stream()  # its chunks would hold the old blocks
         ct_size = os.fstat(self.fd).st_size
         size = plaintext_size_lenient(ct_size, self.bs)
         if offset > size:
@@ -329,6 +434,7 @@ class CipherFile:
     # ------------------------------------------------------------------ truncate
 
     def truncate(self, new_size: int) -> None:
+        self.drop_stream()
         size = self.size()
         if new_size == size:
             ct_size = ciphertext_size(size, self.bs)

@@ -7,8 +7,9 @@ second thread cannot share the decryption: AES-GCM on a 4 KiB block
 releases the GIL for about a microsecond, and two threads decrypting at
 once got less done than one (kmsfs/cipherfile.py, ``_bulk_crypto``).  A
 process has a GIL of its own.  So for a read of at least MIN_BLOCKS blocks
-that the loop answers from the page cache, the loop reads the ciphertext
-into a shared memory region, hands the last HELPER_SHARE of its blocks to
+that the loop answers from the page cache (or from the chunks that
+kmsfs/directstream.py read ahead), the loop copies the ciphertext into a
+shared memory region, hands the last HELPER_SHARE of its blocks to
 this helper, decrypts the first ones itself meanwhile, waits for the
 helper's answer, and replies from the region.
 

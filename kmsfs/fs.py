@@ -389,6 +389,9 @@ class KmsfsOperations(pyfuse3.Operations):
         #: CPU (kmsfs/decrypthelper.py); None: the loop decrypts alone.  Set and
         #: closed by the mount, before any file is opened.
         self.decrypt_helper: DecryptHelper | None = None
+        #: Whether large reads of files outside the page cache may go around it
+        #: with our own readahead (kmsfs/directstream.py); ``-o direct_read=0``.
+        self.direct_reads = True
         #: Headers as last read, for files unchanged since (kmsfs/headermemo.py);
         #: None where the backing filesystem's ctimes cannot vouch for that.
         self.header_memo: HeaderMemo | None = None
@@ -1289,7 +1292,7 @@ class KmsfsOperations(pyfuse3.Operations):
 
     def _cipher_file(self, fd: int, cipher: ContentCipher) -> CipherFile:
         """A backing file's content I/O, with this mount's truncation journal and decrypt helper."""
-        return CipherFile(fd, cipher, self.truncations, self.decrypt_helper)
+        return CipherFile(fd, cipher, self.truncations, self.decrypt_helper, self.direct_reads)
 
     def _require_store_geometry(self, node: Inode, header: Header) -> None:
         if header.block_size != self.block_size or header.version != self.envelope.format_version:
@@ -1323,6 +1326,8 @@ class KmsfsOperations(pyfuse3.Operations):
         if open_file.handles <= 0:
             node.open_file = None
             # Dropping the cipher drops the unwrapped DEK: it lives only while open.
+            if open_file.cipher_file is not None:
+                open_file.cipher_file.close()
             open_file.cipher_file = None
             if open_file.header is not None and self.header_memo is not None:
                 self._remember_header_at_close(open_file.fd, self.header_memo)

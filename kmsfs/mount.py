@@ -23,7 +23,7 @@ import trio
 from .dekcache import DekCache
 from .headermemo import HeaderMemo
 from .envelope import Envelope
-from . import clientspin, fuseinit, fuseloop
+from . import clientspin, directstream, fuseinit, fuseloop
 from .fs import KmsfsOperations
 from .keyregistry import KeyRegistry, key_changes_settled
 from .keystore import HsmError, KeyStore
@@ -108,7 +108,7 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 KMSFS_OPTIONS = frozenset({"writeback_cache", "libfuse_init"})
 #: kmsfs's own options that take a value (``name=value``).
 KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "client_spin_us", "dek_cache", "dek_cache_seconds",
-                                 "decrypt_helper"})
+                                 "decrypt_helper", "direct_read"})
 
 #: The kernel's readahead window for the mount, in KiB, set at mount time when
 #: running as root (through /sys/class/bdi).  FUSE's default is 128 KiB, so a
@@ -129,6 +129,12 @@ SPIN_US_MAX = 10_000
 #: default, starts it where two or more CPUs are allowed).
 DECRYPT_HELPER = 1
 DECRYPT_HELPER_MAX = 1
+
+#: ``-o direct_read=0`` makes every read go through the backing file's page
+#: cache; 1, the default, lets sequential reads of files outside it go around
+#: it with kmsfs's own readahead (kmsfs/directstream.py).
+DIRECT_READ = 1
+DIRECT_READ_MAX = 1
 
 #: ``-o client_spin_us=N``: how long after a client's last request a
 #: helper process keeps that client's CPU awake (kmsfs/clientspin.py explains
@@ -337,6 +343,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "prefetch": ops.prefetcher.stats() if ops.prefetcher is not None else None,
                 "client_spin": ops.client_spinner.stats() if ops.client_spinner is not None else None,
                 "decrypt_helper": ops.decrypt_helper.stats() if ops.decrypt_helper is not None else None,
+                "direct_read": directstream.stats() if ops.direct_reads else None,
                 "header_memo": ops.header_memo.stats() if ops.header_memo is not None else None,
                 "write_requests": dict(ops.write_requests),
                 "fuse_init": None if ops.init_flags is None else {
@@ -445,6 +452,9 @@ def serve(
         log.info("DEK cache: up to %d files' keys for %d s after their unwrap", dek_cache, dek_cache_seconds)
     else:
         log.info("DEK cache off: every first open of a file asks the HSM")
+    ops.direct_reads = bool(_whole_number_option(own_options, "direct_read", DIRECT_READ, DIRECT_READ_MAX))
+    if not ops.direct_reads:
+        log.info("direct reads off (-o direct_read=0): every read goes through the backing file's page cache")
     if "writeback_cache" in own_options:
         ops.enable_writeback_cache = True
         log.info("writeback cache on: changes made behind this mount's back may go unseen")

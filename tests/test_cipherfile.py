@@ -139,10 +139,10 @@ def test_worker_threads_take_turns_at_bulk_crypto_and_the_loop_thread_never_wait
         os.close(fd)
 
 
-def _written_file(tmp_path: Path, blocks: int) -> tuple[int, CipherFile, bytes]:
+def _written_file(tmp_path: Path, blocks: int, direct_reads: bool = True) -> tuple[int, CipherFile, bytes]:
     cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
-    cf = CipherFile(fd, cipher)
+    cf = CipherFile(fd, cipher, direct_reads=direct_reads)
     data = os.urandom(blocks * DEFAULT_BLOCK_SIZE - 1000)
     cf.write(0, data)
     os.fsync(fd)  # clean pages, so that the kernel can drop them
@@ -167,7 +167,8 @@ def _drop_until_a_nowait_read_would_block(fd: int, cf: CipherFile, length: int) 
 
 
 def test_nowait_read_serves_cached_blocks_and_will_not_wait_for_the_disk(tmp_path):
-    fd, cf, data = _written_file(tmp_path, 64)
+    # Through the page cache only; tests/test_directstream.py reads around it.
+    fd, cf, data = _written_file(tmp_path, 64, direct_reads=False)
     try:
         assert cf.read(0, len(data), nowait=True) == data
         assert cf.read(5000, 70000, nowait=True) == data[5000:75000]
@@ -242,11 +243,11 @@ def test_nowait_read_of_a_damaged_block_fails_like_any_read(tmp_path):
 # ---------------------------------------------------------------- merge reads and holes
 
 
-def _sparse_file(tmp_path: Path, mib: int) -> tuple[int, CipherFile]:
+def _sparse_file(tmp_path: Path, mib: int, direct_reads: bool = True) -> tuple[int, CipherFile]:
     """A file of ``mib`` MiB of plaintext, grown by truncate: one hole but for its last block."""
     cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
     fd = os.open(tmp_path / "sparse", os.O_RDWR | os.O_CREAT, 0o600)
-    cf = CipherFile(fd, cipher)
+    cf = CipherFile(fd, cipher, direct_reads=direct_reads)
     cf.truncate(mib << 20)
     os.fsync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -396,8 +397,9 @@ def test_a_failed_merge_read_in_a_hole_restores_readahead(tmp_path, monkeypatch)
 def test_large_reads_of_a_hole_read_nothing_ahead(tmp_path, monkeypatch, nowait):
     # Reading a hole in order, as the kernel's readahead requests do, would let
     # the backing file's readahead run ahead and cache its zeros in large
-    # folios, as the merge reads above would (see CipherFile.read).
-    fd, cf = _sparse_file(tmp_path, 64)
+    # folios, as the merge reads above would (see CipherFile.read).  Through
+    # the page cache: reads around it (tests/test_directstream.py) cache nothing.
+    fd, cf = _sparse_file(tmp_path, 64, direct_reads=False)
     calls = _fadvise_calls(monkeypatch)
     try:
         start, chunk, chunks = 8 << 20, 1 << 20, 8

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmsfs.mount import (
-    DECRYPT_HELPER, DECRYPT_HELPER_MAX, _fuse_options, _given_whole_number, _mount_device, _option_value,
+    DECRYPT_HELPER, DECRYPT_HELPER_MAX, DIRECT_READ, DIRECT_READ_MAX, _fuse_options, _given_whole_number, _mount_device, _option_value,
     _split_options, _unescape_mount_path, _whole_number_option,
 )
 from pagecache import resident_pages
@@ -81,10 +81,14 @@ def test_whole_number_options(name, default, maximum, value, good, caplog):
 @pytest.mark.parametrize("value, expected", [
     (None, 1), ("1", 1), ("0", 0), ("2", 1), ("-1", 1), ("yes", 1), ("", 1),
 ])
-def test_decrypt_helper_option_is_0_or_1(value, expected, caplog):
-    own = set() if value is None else {f"decrypt_helper={value}"}
-    assert _whole_number_option(own, "decrypt_helper", DECRYPT_HELPER, DECRYPT_HELPER_MAX) == expected
-    assert (f"ignoring -o decrypt_helper={value}" in caplog.text) == (value not in (None, "0", "1"))
+@pytest.mark.parametrize("name, default, maximum", [
+    ("decrypt_helper", DECRYPT_HELPER, DECRYPT_HELPER_MAX),
+    ("direct_read", DIRECT_READ, DIRECT_READ_MAX),
+])
+def test_on_off_options_are_0_or_1(value, expected, name, default, maximum, caplog):
+    own = set() if value is None else {f"{name}={value}"}
+    assert _whole_number_option(own, name, default, maximum) == expected
+    assert (f"ignoring -o {name}={value}" in caplog.text) == (value not in (None, "0", "1"))
 
 
 def test_mount_takes_spin_us_and_serves_either_way(store):
