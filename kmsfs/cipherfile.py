@@ -47,6 +47,8 @@ HOLE_CHECK_MIN_BLOCKS = 16
 #: Reads of at least this many blocks (256 KiB) whose range the page cache
 #: holds none of may go around it (see CipherFile._read_streamed).
 DIRECT_MIN_BLOCKS = 64
+#: Streams one open file may start (see CipherFile._streams_left).
+STREAMS_PER_OPEN = 8
 
 
 class WouldBlock(Exception):
@@ -112,7 +114,8 @@ def _scratch(size: int) -> memoryview:
 
 class CipherFile:
     __slots__ = ("fd", "cipher", "bs", "cbs", "journal", "decrypt_helper", "_dense_below", "_direct_ok",
-                 "_stream", "_stream_lock", "_stream_hint")
+                 "_stream", "_stream_lock", "_stream_hint",
+                 "_streams_left")
 
     def __init__(self, fd: int, cipher: ContentCipher, journal: TruncationJournal | None = None,
                  decrypt_helper: DecryptHelper | None = None, direct_reads: bool = True) -> None:
@@ -136,6 +139,10 @@ class CipherFile:
         self._stream_lock = threading.Lock()
         #: Where the last large read ended: a stream may start there.
         self._stream_hint = -1
+        #: Streams this open file may still start.  Each reads up to 24 MiB
+        #: ahead, so a reader that keeps breaking them off (jumping back to
+        #: the start, say) must not make the daemon read that much per request.
+        self._streams_left = STREAMS_PER_OPEN
 
     def close(self) -> None:
         """End the stream, if any (it closes its own descriptor); the caller closes ``fd``."""
@@ -267,6 +274,13 @@ class CipherFile:
                     return stream
                 self._stream = None
                 stream.close()
+                if stamp != stream.stamp:
+                    # Changed behind our back while read: it may change again,
+                    # and each change would throw a stream's readahead away.
+                    self._direct_ok = False
+                    return None
+            if self._streams_left <= 0:
+                return None
             # The kernel's 1 MiB requests share a block with the one before
             # (1 MiB is not a whole number of 4,068-byte blocks), which that
             # read may have brought into the page cache: only what is new counts.
@@ -280,10 +294,22 @@ class CipherFile:
                 return None
             try:
                 self._stream = DirectStream.start(self.fd, stamp, position)
+                if self._stream is not None:
+                    self._streams_left -= 1
             except DirectReadError as exc:
                 log.info("backing fd %d: reading through the page cache (%s)", self.fd, exc)
                 self._direct_ok = False
             return self._stream
+
+    def _no_more_streams(self) -> None:
+        """This open file changes through us: its reads go through the page cache from now on.
+
+        A write or truncate would end every stream (its chunks hold the old
+        blocks) and leave what it wrote in the page cache anyway.
+        """
+        if self._direct_ok or self._stream is not None:
+            self._direct_ok = False
+            self.drop_stream()
 
     def drop_stream(self, stream: DirectStream | None = None) -> None:
         """End the stream (only if it is still ``stream``, when given): the file changed or is closing."""
@@ -371,7 +397,7 @@ class CipherFile:
         length = len(data)
         if length == 0:
             return 0
-        self.drop_stream()  # its chunks would hold the old blocks
+        self._no_more_streams()
         ct_size = os.fstat(self.fd).st_size
         size = plaintext_size_lenient(ct_size, self.bs)
         if offset > size:
@@ -434,7 +460,7 @@ class CipherFile:
     # ------------------------------------------------------------------ truncate
 
     def truncate(self, new_size: int) -> None:
-        self.drop_stream()
+        self._no_more_streams()
         size = self.size()
         if new_size == size:
             ct_size = ciphertext_size(size, self.bs)

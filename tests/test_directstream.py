@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs import directstream, pagecache
+from kmsfs import cipherfile, directstream, pagecache
 from kmsfs.cipherfile import CipherFile, WouldBlock
 from kmsfs.contentcrypt import BlockAuthError, ContentCipher
 from kmsfs.directstream import DirectReadError, DirectStream
@@ -59,12 +59,11 @@ def small_chunks(monkeypatch):
 def _cold_file(tmp_path: Path, size: int, **kwargs) -> tuple[int, CipherFile, bytes]:
     cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    cf = CipherFile(fd, cipher, **kwargs)
     data = os.urandom(size)
-    cf.write(0, data)
-    os.fsync(fd)
+    CipherFile(fd, cipher).write(0, data)
     _drop(fd)
-    return fd, cf, data
+    # Opened again: a file written during an open is read through the page cache.
+    return fd, CipherFile(fd, cipher, **kwargs), data
 
 
 def _read_like_the_loop(cf: CipherFile, offset: int, length: int) -> bytes:
@@ -365,18 +364,27 @@ def test_without_direct_reads_everything_goes_through_the_page_cache(tmp_path):
         os.close(fd)
 
 
-def test_a_write_through_the_file_ends_the_stream(tmp_path):
+@pytest.mark.parametrize("change", ["write", "truncate"])
+def test_a_change_through_the_file_ends_streams_for_this_open(tmp_path, change):
     fd, cf, data = _cold_file(tmp_path, 20 * MIB)
     expected = bytearray(data)
     try:
         assert _read_like_the_loop(cf, 0, MIB) == data[:MIB]  # the stream has read ahead past 1 MiB
-        patch = os.urandom(5000)
-        cf.write(MIB + 100, patch)
-        expected[MIB + 100:MIB + 5100] = patch
-        assert _read_like_the_loop(cf, MIB, MIB) == expected[MIB:2 * MIB]
-        cf.truncate(3 * MIB)
-        del expected[3 * MIB:]
-        assert _read_like_the_loop(cf, 2 * MIB, MIB) == expected[2 * MIB:]
+        assert directstream.stats()["running"] == 1
+        if change == "write":
+            patch = os.urandom(5000)
+            cf.write(MIB + 100, patch)
+            expected[MIB + 100:MIB + 5100] = patch
+        else:
+            cf.truncate(3 * MIB)
+            del expected[3 * MIB:]
+        assert directstream.wait_idle(5)  # ended
+        started = directstream.stats()["streams"]
+        _drop(fd)
+        for offset in range(MIB, len(expected), MIB):
+            assert _read_like_the_loop(cf, offset, MIB) == expected[offset:offset + MIB]
+        assert _read_like_the_loop(cf, 0, MIB) == expected[:MIB]
+        assert directstream.stats()["streams"] == started  # none again while this open lasts
     finally:
         cf.close()
         os.close(fd)
@@ -393,9 +401,29 @@ def test_a_change_behind_the_files_back_ends_the_stream(tmp_path):
         other.write(MIB + 100, patch)
         expected = data[MIB:MIB + 100] + patch + data[MIB + 9100:2 * MIB]
         assert _read_like_the_loop(cf, MIB, MIB) == expected
+        assert directstream.wait_idle(5)
+        started = directstream.stats()["streams"]
+        _drop(fd)
+        assert _read_like_the_loop(cf, 0, MIB) == data[:MIB]
+        assert directstream.stats()["streams"] == started  # it may change again: no more streams
     finally:
         cf.close()
         os.close(other_fd)
+        os.close(fd)
+
+
+def test_an_open_file_starts_only_so_many_streams(tmp_path):
+    # A reader that keeps going back to the start would otherwise make each
+    # 1 MiB request read a new stream's chunks ahead.
+    fd, cf, data = _cold_file(tmp_path, 4 * MIB)
+    started = directstream.stats()["streams"]
+    try:
+        for _ in range(cipherfile.STREAMS_PER_OPEN + 3):
+            assert _read_like_the_loop(cf, 0, MIB) == data[:MIB]
+            assert _read_like_the_loop(cf, 2 * MIB, MIB) == data[2 * MIB:3 * MIB]  # a jump: the stream ends
+        assert directstream.stats()["streams"] == started + cipherfile.STREAMS_PER_OPEN
+    finally:
+        cf.close()
         os.close(fd)
 
 
@@ -418,10 +446,9 @@ def test_a_tampered_block_fails_in_a_streamed_read(tmp_path):
 def test_a_streamed_read_of_a_hole_is_zeros_and_caches_nothing(tmp_path):
     cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
     fd = os.open(tmp_path / "sparse", os.O_RDWR | os.O_CREAT, 0o600)
+    CipherFile(fd, cipher).truncate(16 * MIB)
     cf = CipherFile(fd, cipher)
     try:
-        cf.truncate(16 * MIB)
-        os.fsync(fd)
         _drop(fd)
         for offset in range(0, 8 * MIB, MIB):
             assert _read_like_the_loop(cf, offset, MIB) == bytes(MIB)
