@@ -255,10 +255,11 @@ class CipherFile:
             if not stream.copy_into(first * self.cbs, want, buffer, wait=not nowait):
                 raise WouldBlock()
         except DirectReadError as exc:
-            log.info("backing fd %d: reading through the page cache from now on (%s)", self.fd, exc)
             directstream.note_fallback()
             if exc.lasting:
                 self._direct_ok = False
+            log.info("backing fd %d: %s through the page cache (%s)", self.fd,
+                     "reading" if exc.lasting else "this read goes", exc)
             self.drop_stream(stream)
             return None
         if helper is not None:
