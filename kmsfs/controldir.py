@@ -70,8 +70,9 @@ README                 this text
 status                 JSON: store id, format version, block size, HSM module and token, default key,
                        counts, the HSM calls since mount (hsm_calls), the DEK cache (dek_cache),
                        the prefetch helper (prefetch), the client spin helper (client_spin),
-                       the decrypt helper (decrypt_helper), the header memo (header_memo)
-                       and the reads around the page cache (direct_read)
+                       the decrypt helper (decrypt_helper), the header memo (header_memo),
+                       the reads around the page cache (direct_read), the write requests
+                       (write_requests) and the large writes made on the loop (write_on_loop)
 audit.log              JSON lines: time, uid, operation, key, result (and reason)
 default-key            alias of the CMK for new files where no directory names one (user.kmsfs.key)
 create-key             write {"Alias": "...", "Description": "...", "Origin": "EXTERNAL"}, read the answer

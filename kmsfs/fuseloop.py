@@ -63,6 +63,8 @@ SPIN_INTERVAL = 50e-6
 
 #: CPU-bound jobs in worker threads right now (see run_cpu_bound).
 _cpu_bound_jobs = 0
+#: The installed waiter (see install), for request_waiting.
+_waiter: ReadinessWaiter | None = None
 
 
 async def run_cpu_bound(fn: Callable[..., T], *args: Any) -> T:
@@ -133,6 +135,10 @@ class ReadinessWaiter:
             poller.register(fd, select.POLLIN)
         return poller
 
+    def request_waiting(self) -> bool:
+        """Whether a request is queued on /dev/fuse right now (a zero-timeout poll)."""
+        return any(poller.poll(0) for poller in self._polls.values())
+
     async def wait_readable(self, fd: int) -> None:
         now = time.monotonic()
         if now - self._last_yield >= self.yield_interval:
@@ -158,6 +164,16 @@ class ReadinessWaiter:
         self._last_yield = time.monotonic()
 
 
+async def let_others_in() -> None:
+    """A checkpoint if a request is waiting: for handlers that work on the loop for long.
+
+    Another of pyfuse3's worker tasks then reads and answers it (and any
+    others queued) before the caller goes on.  Costs one poll when none is.
+    """
+    if _waiter is not None and _waiter.request_waiting():
+        await trio.lowlevel.checkpoint()
+
+
 class _TrioForPyfuse3(types.ModuleType):
     """Looks like the trio module to pyfuse3; two names are ours."""
 
@@ -175,7 +191,8 @@ class _TrioForPyfuse3(types.ModuleType):
 
 def install(yield_interval: float = YIELD_INTERVAL, spin_interval: float = SPIN_INTERVAL) -> ReadinessWaiter:
     """Make pyfuse3 use the cheaper loop primitives (before ``pyfuse3.main``)."""
-    waiter = ReadinessWaiter(yield_interval, spin_interval)
+    global _waiter
+    waiter = _waiter = ReadinessWaiter(yield_interval, spin_interval)
     pyfuse3.trio = _TrioForPyfuse3(waiter)  # type: ignore[attr-defined]
     log.debug("pyfuse3 request loop: ReadLock + polling wait_readable (yield every %.1f ms, spin %.0f us)",
               yield_interval * 1000, spin_interval * 1e6)
@@ -183,4 +200,6 @@ def install(yield_interval: float = YIELD_INTERVAL, spin_interval: float = SPIN_
 
 
 def uninstall() -> None:
+    global _waiter
+    _waiter = None
     pyfuse3.trio = trio  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from .dekcache import DekCache
+from .dirtyroom import DirtyRoom, memory_limited_cgroup
 from .headermemo import HeaderMemo
 from .envelope import Envelope
 from . import clientspin, directstream, fuseinit, fuseloop
@@ -108,7 +109,7 @@ def check_mountpoint(backing: Path, mountpoint: Path) -> None:
 KMSFS_OPTIONS = frozenset({"writeback_cache", "libfuse_init"})
 #: kmsfs's own options that take a value (``name=value``).
 KMSFS_VALUE_OPTIONS = frozenset({"read_ahead_kb", "spin_us", "client_spin_us", "dek_cache", "dek_cache_seconds",
-                                 "decrypt_helper", "direct_read"})
+                                 "decrypt_helper", "direct_read", "write_on_loop"})
 
 #: The kernel's readahead window for the mount, in KiB, set at mount time when
 #: running as root (through /sys/class/bdi).  FUSE's default is 128 KiB, so a
@@ -135,6 +136,12 @@ DECRYPT_HELPER_MAX = 1
 #: it with kmsfs's own readahead (kmsfs/directstream.py).
 DIRECT_READ = 1
 DIRECT_READ_MAX = 1
+
+#: ``-o write_on_loop=0`` hands every large write to a worker thread; 1, the
+#: default, lets the request loop make those that cannot wait for the disk
+#: itself (KmsfsOperations._write_on_loop).
+WRITE_ON_LOOP = 1
+WRITE_ON_LOOP_MAX = 1
 
 #: ``-o client_spin_us=N``: how long after a client's last request a
 #: helper process keeps that client's CPU awake (kmsfs/clientspin.py explains
@@ -346,6 +353,7 @@ def prepare(backing: Path, mountpoint: Path, uri_override: str | None) -> tuple[
                 "direct_read": directstream.stats() if ops.direct_reads else None,
                 "header_memo": ops.header_memo.stats() if ops.header_memo is not None else None,
                 "write_requests": dict(ops.write_requests),
+                "write_on_loop": ops.dirty_room.stats() if ops.dirty_room is not None else None,
                 "fuse_init": None if ops.init_flags is None else {
                     "flags": hex(ops.init_flags.flags),
                     "handle_killpriv_v2": ops.init_flags.handle_killpriv_v2,
@@ -455,6 +463,10 @@ def serve(
     ops.direct_reads = bool(_whole_number_option(own_options, "direct_read", DIRECT_READ, DIRECT_READ_MAX))
     if not ops.direct_reads:
         log.info("direct reads off (-o direct_read=0): every read goes through the backing file's page cache")
+    if _whole_number_option(own_options, "write_on_loop", WRITE_ON_LOOP, WRITE_ON_LOOP_MAX):
+        ops.dirty_room = DirtyRoom(limited_by=memory_limited_cgroup())
+    else:
+        log.info("large writes on the loop off (-o write_on_loop=0): every large write goes to a worker thread")
     if "writeback_cache" in own_options:
         ops.enable_writeback_cache = True
         log.info("writeback cache on: changes made behind this mount's back may go unseen")

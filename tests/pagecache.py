@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+
+import pytest
+
+from kmsfs import pagecache
 
 PAGE = mmap.PAGESIZE
 
@@ -30,3 +35,14 @@ def resident_pages(fd: int, start_page: int, count: int) -> list[int]:
             del view
     finally:
         mapping.close()
+
+
+def drop_cached(fd: int) -> None:
+    """Drop the file's pages from the page cache (written back first), until none is left."""
+    os.fsync(fd)
+    size = os.fstat(fd).st_size
+    for _ in range(50):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if pagecache.none_cached(fd, 0, size):
+            return
+    pytest.fail("the file's pages could not be dropped")

@@ -29,7 +29,7 @@ from kmsfs.directstream import DirectReadError, DirectStream
 from kmsfs.format import DEFAULT_BLOCK_SIZE
 
 from conftest import Store, backing_path, wait_for
-from pagecache import PAGE, resident_pages
+from pagecache import PAGE, drop_cached, resident_pages
 
 CBS = DEFAULT_BLOCK_SIZE + 28  # one page per block (format 2)
 MIB = 1 << 20
@@ -37,17 +37,6 @@ MIB = 1 << 20
 
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def _drop(fd: int) -> None:
-    """Drop the file's pages from the page cache (written back first), until none is left."""
-    os.fsync(fd)
-    size = os.fstat(fd).st_size
-    for _ in range(50):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if pagecache.none_cached(fd, 0, size):
-            return
-    pytest.fail("the file's pages could not be dropped")
 
 
 @pytest.fixture
@@ -61,7 +50,7 @@ def _cold_file(tmp_path: Path, size: int, **kwargs) -> tuple[int, CipherFile, by
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     data = os.urandom(size)
     CipherFile(fd, cipher).write(0, data)
-    _drop(fd)
+    drop_cached(fd)
     # Opened again: a file written during an open is read through the page cache.
     return fd, CipherFile(fd, cipher, **kwargs), data
 
@@ -83,7 +72,7 @@ def test_none_cached_tells_a_cold_range_from_a_cached_one(tmp_path):
         os.write(fd, os.urandom(64 * PAGE))
         assert not pagecache.none_cached(fd, 0, 64 * PAGE)  # just written: cached (and dirty)
         os.fsync(fd)
-        _drop(fd)
+        drop_cached(fd)
         assert pagecache.none_cached(fd, 0, 64 * PAGE)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: exactly one page comes in
         os.pread(fd, 1, 40 * PAGE)
@@ -380,7 +369,7 @@ def test_a_change_through_the_file_ends_streams_for_this_open(tmp_path, change):
             del expected[3 * MIB:]
         assert directstream.wait_idle(5)  # ended
         started = directstream.stats()["streams"]
-        _drop(fd)
+        drop_cached(fd)
         for offset in range(MIB, len(expected), MIB):
             assert _read_like_the_loop(cf, offset, MIB) == expected[offset:offset + MIB]
         assert _read_like_the_loop(cf, 0, MIB) == expected[:MIB]
@@ -403,7 +392,7 @@ def test_a_change_behind_the_files_back_ends_the_stream(tmp_path):
         assert _read_like_the_loop(cf, MIB, MIB) == expected
         assert directstream.wait_idle(5)
         started = directstream.stats()["streams"]
-        _drop(fd)
+        drop_cached(fd)
         assert _read_like_the_loop(cf, 0, MIB) == data[:MIB]
         assert directstream.stats()["streams"] == started  # it may change again: no more streams
     finally:
@@ -433,7 +422,7 @@ def test_a_tampered_block_fails_in_a_streamed_read(tmp_path):
         at = 300 * CBS + 1000  # inside block 300, in the second 1 MiB request
         os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x01]), at)
         os.fsync(fd)
-        _drop(fd)
+        drop_cached(fd)
         assert _read_like_the_loop(cf, 0, MIB) == data[:MIB]
         with pytest.raises(BlockAuthError) as info:
             _read_like_the_loop(cf, MIB, MIB)
@@ -449,7 +438,7 @@ def test_a_streamed_read_of_a_hole_is_zeros_and_caches_nothing(tmp_path):
     CipherFile(fd, cipher).truncate(16 * MIB)
     cf = CipherFile(fd, cipher)
     try:
-        _drop(fd)
+        drop_cached(fd)
         for offset in range(0, 8 * MIB, MIB):
             assert _read_like_the_loop(cf, offset, MIB) == bytes(MIB)
         assert resident_pages(fd, 0, 8 * MIB // PAGE) == []
@@ -513,7 +502,7 @@ def _mount_cold(store: Store, name: str, data: bytes, *options: str):
     m.unmount()
     fd = os.open(backing_path(m, name), os.O_RDONLY)
     try:
-        _drop(fd)
+        drop_cached(fd)
     finally:
         os.close(fd)
     return store.mount(None, *options)

@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmsfs.mount import (
-    DECRYPT_HELPER, DECRYPT_HELPER_MAX, DIRECT_READ, DIRECT_READ_MAX, _fuse_options, _given_whole_number, _mount_device, _option_value,
-    _split_options, _unescape_mount_path, _whole_number_option,
+    DECRYPT_HELPER, DECRYPT_HELPER_MAX, DIRECT_READ, DIRECT_READ_MAX, WRITE_ON_LOOP, WRITE_ON_LOOP_MAX,
+    _fuse_options, _given_whole_number, _mount_device, _option_value, _split_options, _unescape_mount_path,
+    _whole_number_option,
 )
 from pagecache import resident_pages
 
@@ -84,6 +85,7 @@ def test_whole_number_options(name, default, maximum, value, good, caplog):
 @pytest.mark.parametrize("name, default, maximum", [
     ("decrypt_helper", DECRYPT_HELPER, DECRYPT_HELPER_MAX),
     ("direct_read", DIRECT_READ, DIRECT_READ_MAX),
+    ("write_on_loop", WRITE_ON_LOOP, WRITE_ON_LOOP_MAX),
 ])
 def test_on_off_options_are_0_or_1(value, expected, name, default, maximum, caplog):
     own = set() if value is None else {f"{name}={value}"}
