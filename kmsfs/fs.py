@@ -1429,10 +1429,12 @@ class KmsfsOperations(pyfuse3.Operations):
 
         Handing a 1 MiB write to a worker thread and back costs two thread
         wake-ups, which on these VMs (halted vCPUs) came to about a fifth of
-        the request's time: a 1 GiB ``dd bs=1M`` took 1.85 s of writing
-        against 1.45 s on the loop (medians of alternating rounds).  Other
+        the request's time when wake-ups were slow: a 1 GiB ``dd bs=1M``
+        took 1.94 s of writing against 1.49 s on the loop (medians of
+        alternating rounds; 1.21 against 1.17 s at a quieter time).  Other
         requests get their turn between steps (fuseloop.let_others_in), so
-        none waits behind more than one step.  Only writes that cannot wait
+        none waits behind more than one step: done in one go, the write had
+        made their 99th percentile 3 to 5 times longer.  Only writes that cannot wait
         for the disk qualify: CipherFile.write_steps checks the pages it
         needs, and the dirty throttle must be far off (kmsfs/dirtyroom.py).
         """
