@@ -10,10 +10,10 @@ the plaintext size).
 Crash safety: every update leaves the file a valid sequence of blocks at each
 step.  A write replaces whole blocks in place with one pwrite (``write_steps``
 with one per step); in format 2 a block is one page, and a killed daemon's
-pwrite stops only between pages, so no block is ever half written.  A truncate into the middle of a block cuts
-the file at the block's start and then writes the new last block; the
-block is saved in an intent record first (kmsfs/truncation.py), so that a
-crash in between loses nothing.
+pwrite stops only between pages, so no block is ever half written.  A
+truncate into the middle of a block cuts the file at the block's start and
+then writes the new last block; the block is saved in an intent record first
+(kmsfs/truncation.py), so that a crash in between loses nothing.
 """
 
 from __future__ import annotations
@@ -457,9 +457,9 @@ class CipherFile:
         end of the file (the gap would have to be written first), or when a
         block it must merge with, or a page of the backing file that it covers
         only partly (the kernel would read the rest), is not in the page
-        cache.  Otherwise an
-        iterator that encrypts and writes one step per ``next``, so that the
-        caller can answer other requests in between (fs.write).  Every step
+        cache.  Otherwise an iterator that encrypts and writes one step per
+        ``next``, so that the caller can answer other requests in between
+        (fs.write).  Every step
         writes whole blocks, as ``write`` does.  The merges are read before
         the iterator is returned, so a None has changed nothing.  The caller
         also makes sure the kernel will not throttle the writes
@@ -517,11 +517,13 @@ class CipherFile:
             self._pwrite_all(self.cipher.encrypt(plaintext, block), block * self.cbs)
 
     def _merge_block_nowait(self, number: int, ct_size: int) -> bytearray:
-        """A block that a write covers only partly, decrypted, from the page cache only."""
+        """A block that a write covers only partly, decrypted, from the page cache only.
+
+        The block always holds data: write_steps merges only with blocks that
+        the old plaintext reaches into.
+        """
         position = number * self.cbs
         want = min(self.cbs, ct_size - position)
-        if want <= 0:
-            return bytearray()
         buffer = bytearray(want)
         self._pread_cached(buffer, position, want)
         return self.cipher.decrypt(buffer, number)

@@ -12,6 +12,7 @@ right, let other requests in, and ``-o write_on_loop=0`` turns it off.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -153,6 +154,22 @@ def test_a_partly_covered_page_outside_the_page_cache_is_refused(tmp_path):
         assert steps is not None
         _run(steps)
         assert cf.read(0, len(data)) == data[:50 * SMALL] + new + data[150 * SMALL:]
+
+
+def test_a_failing_pwrite_in_a_step_is_raised_from_that_step(tmp_path):
+    cipher = ContentCipher(os.urandom(32), os.urandom(16), DEFAULT_BLOCK_SIZE)
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)  # every pwrite fails with EBADF
+    try:
+        steps = CipherFile(fd, cipher).write_steps(0, os.urandom(3 * cipherfile.STEP_BLOCKS * DEFAULT_BLOCK_SIZE))
+        assert steps is not None
+        with pytest.raises(OSError) as caught:
+            next(steps)
+        assert caught.value.errno == errno.EBADF
+        assert os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
 
 
 def test_a_tampered_merge_block_fails_before_anything_is_written(tmp_path):
